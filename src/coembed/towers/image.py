@@ -1,0 +1,164 @@
+"""The convolutional image tower: CLIP's ModifiedResNet or a torchvision backbone, pooled and projected."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from coembed.config import ImageConfig
+from coembed.errors import ConfigError
+from coembed.towers.layers import AttentionPool2d, image_pool
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck with anti-aliased downsampling: stride is an avg-pool after the 3x3 conv."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            # Keys "-1", "0", "1" match OpenAI CLIP's checkpoints.
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride)),
+                        ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
+                        ("1", nn.BatchNorm2d(planes * self.expansion)),
+                    ]
+                )
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ModifiedResNetTrunk(nn.Module):
+    """CLIP's ResNet without its pooling: a 3-conv stem + avg-pool, then four bottleneck stages.
+
+    Output: (B, width*32, image_size/32, image_size/32).
+    """
+
+    def __init__(self, layers: list[int], width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        self.relu = nn.ReLU(inplace=True)
+        stages = []
+        inplanes = width
+        for i, blocks in enumerate(layers):
+            planes = width * 2**i
+            stage = [Bottleneck(inplanes, planes, stride=1 if i == 0 else 2)]
+            inplanes = planes * Bottleneck.expansion
+            stage += [Bottleneck(inplanes, planes) for _ in range(1, blocks)]
+            stages.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.out_channels = inplanes
+        for stage in stages:
+            for block in stage:
+                # Residual branches start near identity, as in CLIP.
+                nn.init.zeros_(block.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.avgpool(self.relu(self.bn3(self.conv3(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def groups(self) -> list[nn.Module]:
+        """Parameter groups from input to output, for lock-with-unlocked-last-groups."""
+        stem = nn.ModuleList([self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3])
+        return [stem, self.layer1, self.layer2, self.layer3, self.layer4]
+
+
+def torchvision_trunk(name: str) -> tuple[nn.Module, list[nn.Module]]:
+    """A torchvision classification model without its head, and its stages in order."""
+    import torchvision
+
+    try:
+        net = torchvision.models.get_model(name, weights=None)
+    except ValueError:
+        families = "resnet*, convnext_*, efficientnet_*, mobilenet_*, regnet_*"
+        raise ConfigError(
+            f"model.image.backbone: unknown backbone {name!r} (modified_resnet or torchvision {families})"
+        ) from None
+    if hasattr(net, "layer4"):  # ResNet / ResNeXt / Wide ResNet
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        stages = [stem, net.layer1, net.layer2, net.layer3, net.layer4]
+        return nn.Sequential(*stages), stages
+    if hasattr(net, "trunk_output"):  # RegNet
+        stages = [net.stem, *net.trunk_output]
+        return nn.Sequential(*stages), stages
+    if hasattr(net, "features"):  # ConvNeXt, EfficientNet, MobileNet
+        stages = list(net.features)
+        return net.features, stages
+    raise ConfigError(f"model.image.backbone: {name!r} is not a supported convolutional backbone")
+
+
+class ImageTower(nn.Module):
+    def __init__(self, cfg: ImageConfig, output_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.backbone == "modified_resnet":
+            self.trunk = ModifiedResNetTrunk(cfg.layers, cfg.width)
+            self._groups = self.trunk.groups()
+            channels, spatial = self.trunk.out_channels, cfg.image_size // 32
+        else:
+            self.trunk, self._groups = torchvision_trunk(cfg.backbone)
+            with torch.no_grad():
+                probe = self.trunk.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+            self.trunk.train()
+            channels, spatial = probe.shape[1], probe.shape[2]
+            if probe.shape[2] != probe.shape[3]:
+                raise ConfigError("model.image.image_size gives a non-square feature map")
+        self.pool = image_pool(cfg.pool, spatial, channels, cfg.heads, output_dim)
+        if isinstance(self.pool, AttentionPool2d):
+            std = channels**-0.5
+            for lin in (self.pool.q_proj, self.pool.k_proj, self.pool.v_proj, self.pool.c_proj):
+                nn.init.normal_(lin.weight, std=std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalized images -> (B, output_dim) unnormalized features."""
+        return self.pool(self.trunk(images))
+
+    def lock(self, unlocked_groups: int = 0) -> None:
+        """Freeze the tower except its last ``unlocked_groups`` stages (pooling counts as one).
+
+        Frozen BatchNorm layers also stop updating their running statistics.
+        """
+        groups = [*self._groups, self.pool]
+        for p in self.parameters():
+            p.requires_grad_(False)
+        frozen = groups[: max(len(groups) - unlocked_groups, 0)]
+        for group in groups[len(frozen) :]:
+            group.requires_grad_(True)
+        self._frozen_norms = [
+            m for g in frozen for m in g.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ImageTower:
+        super().train(mode)
+        for m in getattr(self, "_frozen_norms", []):
+            m.eval()
+        return self

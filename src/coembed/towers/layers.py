@@ -1,0 +1,199 @@
+"""Reusable layers of both towers: positional encodings, attention, MLP, blocks, pooling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coembed.errors import ConfigError
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ConfigError(f"unknown activation {name!r} (gelu or quick_gelu)")
+
+
+class LearnedPositional(nn.Module):
+    """One learned vector per position, added to the token embeddings."""
+
+    def __init__(self, length: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(length, width))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight[: x.shape[1]]
+
+
+def sinusoidal_table(length: int, width: int) -> torch.Tensor:
+    """The fixed (length, width) table of "Attention is all you need": sin on even, cos on odd dims."""
+    position = torch.arange(length, dtype=torch.float64)[:, None]
+    frequency = torch.exp(
+        torch.arange(0, width, 2, dtype=torch.float64) * (-math.log(10000.0) / width)
+    )
+    table = torch.zeros(length, width, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return table.float()
+
+
+class SinusoidalPositional(nn.Module):
+    """Fixed sin/cos positions; a non-persistent buffer, so it never enters a checkpoint."""
+
+    def __init__(self, length: int, width: int):
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(length, width), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table[: x.shape[1]].to(x.dtype)
+
+
+def positional_encoding(kind: str, length: int, width: int) -> nn.Module:
+    if kind == "learned":
+        return LearnedPositional(length, width)
+    if kind == "sinusoidal":
+        return SinusoidalPositional(length, width)
+    raise ConfigError(f"unknown positional encoding {kind!r} (learned or sinusoidal)")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on torch's scaled_dot_product_attention."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        # q, k, v: (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.fc = nn.Linear(width, hidden)
+        self.act = activation(act)
+        self.proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio), act)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask=mask, causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+def pool_tokens(
+    x: torch.Tensor, kind: str, eot_pos: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Pool (B, T, C) token states to (B, C).
+
+    ``eot_pos`` (B,) is each sequence's end-of-text position; ``valid`` (B, T) is True up to and
+    including it, so padding never enters mean or max.
+    """
+    if kind == "eot":
+        return x[torch.arange(x.shape[0], device=x.device), eot_pos]
+    if kind == "cls":
+        return x[:, 0]
+    if kind == "mean":
+        weights = valid.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+    if kind == "max":
+        return x.masked_fill(~valid.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
+    raise ConfigError(f"unknown text pooling {kind!r} (eot, cls, mean or max)")
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's attention pooling: the mean of the feature map queries all positions, QKV-attention style.
+
+    Parameter names follow OpenAI CLIP so that checkpoints convert by renaming a prefix.
+    """
+
+    def __init__(self, spatial: int, width: int, heads: int, output_dim: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(
+            torch.randn(spatial * spatial + 1, width) / width**0.5
+        )
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.c_proj = nn.Linear(width, output_dim)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)  # NCHW -> (B, HW, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, HW+1, C)
+        if x.shape[1] != self.positional_embedding.shape[0]:
+            raise ConfigError(
+                f"attention pooling was built for {self.positional_embedding.shape[0] - 1} positions "
+                f"but the feature map has {H}x{W}: the image size does not match the model"
+            )
+        x = x + self.positional_embedding.to(x.dtype)
+        hs = C // self.heads
+        q = self.q_proj(x[:, :1]).view(B, 1, self.heads, hs).transpose(1, 2)  # (B, nh, 1, hs)
+        k = self.k_proj(x).view(B, -1, self.heads, hs).transpose(1, 2)  # (B, nh, HW+1, hs)
+        v = self.v_proj(x).view(B, -1, self.heads, hs).transpose(1, 2)  # (B, nh, HW+1, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, 1, hs)
+        return self.c_proj(y.reshape(B, C))
+
+
+class GlobalPool2d(nn.Module):
+    """Average or max over the spatial positions, then a linear projection."""
+
+    def __init__(self, kind: str, width: int, output_dim: int):
+        super().__init__()
+        if kind not in ("avg", "max"):
+            raise ConfigError(f"unknown image pooling {kind!r} (attention, avg or max)")
+        self.kind = kind
+        self.proj = nn.Linear(width, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3)) if self.kind == "avg" else x.amax(dim=(2, 3))  # (B, C)
+        return self.proj(pooled)
+
+
+def image_pool(kind: str, spatial: int, width: int, heads: int, output_dim: int) -> nn.Module:
+    if kind == "attention":
+        if width % heads:
+            raise ConfigError(
+                f"model.image.heads ({heads}) must divide the feature width ({width})"
+            )
+        return AttentionPool2d(spatial, width, heads, output_dim)
+    return GlobalPool2d(kind, width, output_dim)
