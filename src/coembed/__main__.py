@@ -1,0 +1,5 @@
+import sys
+
+from coembed.cli import main
+
+sys.exit(main())
