@@ -117,7 +117,10 @@ class Thing:
 
 def _regular_polygon(cx: float, cy: float, r: float, n: int, phase: float) -> list[tuple]:
     return [
-        (cx + r * math.cos(phase + 2 * math.pi * k / n), cy + r * math.sin(phase + 2 * math.pi * k / n))
+        (
+            cx + r * math.cos(phase + 2 * math.pi * k / n),
+            cy + r * math.sin(phase + 2 * math.pi * k / n),
+        )
         for k in range(n)
     ]
 
@@ -154,9 +157,7 @@ def _draw_mask(thing: Thing, canvas: int) -> Image.Image:
     return mask
 
 
-def _texture(
-    thing: Thing, rgb: np.ndarray, canvas: int, rng: np.random.Generator
-) -> np.ndarray:
+def _texture(thing: Thing, rgb: np.ndarray, canvas: int, rng: np.random.Generator) -> np.ndarray:
     """The object's fill as a (canvas, canvas, 3) uint8 array."""
     fill = np.broadcast_to(rgb, (canvas, canvas, 3)).astype(np.float32)
     if thing.texture == "solid":
@@ -229,7 +230,9 @@ def _join(*words: str) -> str:
     return " ".join(w for w in words if w)
 
 
-def _noun_phrase(rng: np.random.Generator, shape: str, colour: str, texture: str, size: str = "") -> str:
+def _noun_phrase(
+    rng: np.random.Generator, shape: str, colour: str, texture: str, size: str = ""
+) -> str:
     """E.g. 'big red striped circle' or 'red disc with dots'."""
     size_word = _pick(rng, SIZE_WORDS[size]) if size else ""
     colour_word = _pick(rng, COLOUR_WORDS[colour])
@@ -269,7 +272,9 @@ def _count(rng: np.random.Generator) -> tuple[list[Thing], str]:
     n = 2 if rng.random() < 0.5 else 3
     shape, colour, texture = _pick(rng, SHAPES), _pick(rng, list(COLOURS)), _pick(rng, TEXTURES)
     radius = rng.uniform(0.10, 0.13)
-    things = [Thing(shape, colour, texture, x, y, radius) for x, y in _spread_centres(rng, n, radius)]
+    things = [
+        Thing(shape, colour, texture, x, y, radius) for x, y in _spread_centres(rng, n, radius)
+    ]
     colour_word, shape_word = _pick(rng, COLOUR_WORDS[colour]), _pick(rng, SHAPE_WORDS[shape])
     number = _pick(rng, COUNTS[n])
     plural = PLURALS[shape_word]
@@ -383,7 +388,9 @@ def generate_icons(
     """
     unknown = [c for c in colours if c not in COLOURS] + [s for s in shapes if s not in SHAPES]
     if unknown:
-        raise ValueError(f"unknown colours/shapes {unknown}; known: {list(COLOURS)}, {list(SHAPES)}")
+        raise ValueError(
+            f"unknown colours/shapes {unknown}; known: {list(COLOURS)}, {list(SHAPES)}"
+        )
     out = Path(output_dir)
     classes = []
     for c, colour in enumerate(colours):

@@ -1,0 +1,169 @@
+"""Image preprocessing: the eval transform (PIL, exact open_clip parity) and batched tensor ops.
+
+Eval: resize the shortest side to S (bicubic), center crop S x S, scale to [0, 1], normalize:
+the same operations, in the same order and arithmetic, as ``open_clip.image_transform(S,
+is_train=False)``, so embeddings match open_clip's for imported weights.
+
+Train: a random resized crop of a whole uint8 batch in one ``roi_align`` call (one bilinear
+crop-and-resize kernel for all boxes), then normalization, returning channels_last float32.
+There is no horizontal flip on purpose: captions say "left of" and "on the right".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.ops import roi_align
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resize_shortest(
+    im: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """Resize so the shortest side is ``size``; the long side is truncated like torchvision's."""
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    return im.resize((new_w, new_h), resample)
+
+
+def center_crop(im: Image.Image, size: int) -> Image.Image:
+    """Center crop to size x size (torchvision's rounding of the offsets)."""
+    w, h = im.size
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+class EvalTransform:
+    """PIL RGB image -> normalized float32 tensor (3, S, S). A class so workers can pickle it."""
+
+    def __init__(self, image_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> None:
+        self.image_size = image_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, im: Image.Image) -> Tensor:
+        im = center_crop(resize_shortest(im, self.image_size), self.image_size)
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        x = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))  # (S, S, 3) uint8
+        x = x.permute(2, 0, 1).contiguous().to(torch.float32).div(255)  # (3, S, S)
+        return x.sub_(self.mean).div_(self.std)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(image_size={self.image_size})"
+
+
+def eval_transform(image_size: int) -> EvalTransform:
+    """The evaluation transform: a callable mapping a PIL image to a (3, S, S) float tensor."""
+    return EvalTransform(image_size)
+
+
+def _normalize_nchw(x: Tensor) -> Tensor:
+    """float (B, 3, S, S) in 0..255 -> normalized, channels_last."""
+    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = (x / 255.0 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _crop_resize(batch_uint8_nhwc: Tensor, boxes: Tensor, out_size: int) -> Tensor:
+    """Crop box k of image k and resize it to out_size, bilinear; boxes (B, 4) x0,y0,x1,y1."""
+    B = batch_uint8_nhwc.shape[0]
+    x = batch_uint8_nhwc.permute(0, 3, 1, 2).to(torch.float32)  # (B, H, W, 3) -> (B, 3, H, W)
+    index = torch.arange(B, dtype=torch.float32).view(B, 1)
+    rois = torch.cat([index, boxes.to(torch.float32)], dim=1).to(x.device)  # (B, 5)
+    # aligned=True: box coordinates are continuous pixel edges, so [0, 0, W, H] is the whole
+    # image; sampling_ratio=-1 averages ceil(box/out) samples per output pixel (antialiasing).
+    return roi_align(
+        x.contiguous(),
+        rois,
+        output_size=out_size,
+        spatial_scale=1.0,
+        sampling_ratio=-1,
+        aligned=True,
+    )
+
+
+def random_resized_boxes(
+    B: int,
+    H: int,
+    W: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.8, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> Tensor:
+    """Boxes (B, 4) as torchvision's RandomResizedCrop picks them, vectorized over the batch.
+
+    Every call draws the same amount of randomness, whatever is accepted, so a batch's boxes
+    depend only on the generator state.
+    """
+    area = H * W
+    target = area * torch.empty(B, attempts).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(B, attempts).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(target * aspect)  # (B, attempts)
+    h = torch.sqrt(target / aspect)
+    ok = (w <= W) & (h <= H)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((B,), -1))  # (B,)
+    # Fallback when no attempt fits: the whole image, clamped to the allowed aspect ratio.
+    in_ratio = W / H
+    if in_ratio < ratio[0]:
+        fw, fh = float(W), W / ratio[0]
+    elif in_ratio > ratio[1]:
+        fw, fh = H * ratio[1], float(H)
+    else:
+        fw, fh = float(W), float(H)
+    pick = first.clamp(min=0).view(B, 1)
+    bw = torch.where(first >= 0, w.gather(1, pick).squeeze(1), torch.tensor(fw))
+    bh = torch.where(first >= 0, h.gather(1, pick).squeeze(1), torch.tensor(fh))
+    u = torch.rand(B, 2, generator=generator)
+    x0 = u[:, 0] * (W - bw)
+    y0 = u[:, 1] * (H - bh)
+    return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1)  # (B, 4)
+
+
+def train_augment(
+    batch_uint8_nhwc: Tensor,
+    out_size: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.8, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Tensor:
+    """Random resized crop + normalize a uint8 batch (B, H, W, 3) -> float32 (B, 3, S, S).
+
+    The result is channels_last and on the batch's device; the randomness comes from the CPU
+    ``generator`` only, so it is the same on any device.
+    """
+    B, H, W, C = batch_uint8_nhwc.shape
+    if C != 3:
+        raise ValueError(f"expected (B, H, W, 3) uint8, got shape {tuple(batch_uint8_nhwc.shape)}")
+    boxes = random_resized_boxes(B, H, W, generator, scale, ratio)
+    return _normalize_nchw(_crop_resize(batch_uint8_nhwc, boxes, out_size))
+
+
+def eval_from_uint8(batch_uint8_nhwc: Tensor, out_size: int | None = None) -> Tensor:
+    """Center square crop, resize to ``out_size`` (default: keep), normalize: (B, 3, S, S).
+
+    No randomness. For cached (already square) images this is a plain resize of the whole image.
+    """
+    B, H, W, _ = batch_uint8_nhwc.shape
+    side = min(H, W)
+    S = out_size or side
+    if S == side and H == W:
+        x = batch_uint8_nhwc.permute(0, 3, 1, 2).to(torch.float32)  # (B, H, W, 3) -> (B, 3, H, W)
+        return _normalize_nchw(x)
+    x0, y0 = (W - side) / 2, (H - side) / 2
+    boxes = torch.tensor([[x0, y0, x0 + side, y0 + side]], dtype=torch.float32).expand(B, 4)
+    return _normalize_nchw(_crop_resize(batch_uint8_nhwc, boxes, S))
