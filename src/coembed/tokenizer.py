@@ -1,0 +1,442 @@
+"""Caption tokenizer: CLIP's BPE (token-identical to ``open_clip.tokenize``) or a BPE trained on captions.
+
+Both kinds are one HF ``tokenizers`` pipeline stored as a ``tokenizer.json``:
+
+    caption ─► clean_text (ftfy, HTML unescape ×2, whitespace, lower-case; done in Python)
+            ─► split into words with CLIP's word pattern ─► bytes as printable characters
+            ─► BPE with an end-of-word suffix ``</w>``
+            ─► [SOT, tokens..., EOT, pad...] truncated/padded to ``context_length``
+
+The word pattern is the one open_clip uses (``'s|'t|...|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+``,
+case-insensitive). HF runs it with Oniguruma, whose Unicode tables are older than those of the
+``regex`` module open_clip uses, so the letter/number/other classes are written out as explicit
+code point ranges computed with ``regex`` when the tokenizer is built.
+
+CLIP's tokenizer is converted once from the merges file open_clip_torch ships and stored gzipped
+in ``coembed/assets``; ``python -m coembed.tokenizer --build-clip`` regenerates it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import html
+import importlib.util
+import json
+import os
+import re
+import secrets
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import ftfy
+import numpy as np
+import torch
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from coembed.errors import ConfigError, ModelDirError, UsageError
+
+SOT = "<start_of_text>"
+EOT = "<end_of_text>"
+PAD = "<pad>"
+END_OF_WORD = "</w>"
+TOKENIZER_FILE = "tokenizer.json"
+
+CLIP_ASSET = Path(__file__).parent / "assets" / "clip_tokenizer.json.gz"
+CLIP_CONTEXT_LENGTH = 77
+# CLIP's vocabulary is 256 bytes + 256 bytes with </w> + 48,894 merges + 2 special tokens = 49,408;
+# the merges file holds more lines than that, of which CLIP uses the first 48,894.
+CLIP_NUM_MERGES = 49408 - 512 - 2
+_BASE_SIZE = 512  # bytes, and bytes ending a word
+
+# ftfy.fix_text leaves a string unchanged when every fixer leaves it unchanged. For ASCII text
+# only five can act: unescape_html (needs "&"), remove_terminal_escapes (needs ESC, a control
+# char), fix_line_breaks (needs "\r"; NEL, LS and PS are not ASCII), remove_control_chars
+# (U+00-08, U+0B, U+0E-1F, U+7F) and the mojibake fixer, which returns ASCII text as it is.
+# NFC, width, quote, ligature, C1 and surrogate fixes only touch non-ASCII characters.
+_NOT_FTFY_IDENTITY_ASCII = re.compile(r"[&\r\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def clean_text(text: str) -> str:
+    """Return ``text`` cleaned exactly as open_clip's default ("lower") clean-up does.
+
+    That is ftfy.fix_text, HTML unescape twice, whitespace runs collapsed to one space and
+    stripped, then lower-cased. ftfy is skipped for ASCII strings it provably leaves unchanged,
+    which is most captions and most of ftfy's cost.
+    """
+    if not text.isascii() or _NOT_FTFY_IDENTITY_ASCII.search(text):
+        text = ftfy.fix_text(text)
+    # html.unescape returns at once when there is no "&"; the split/join also strips.
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.split()).lower()
+
+
+def byte_alphabet() -> list[str]:
+    """Return the 256 characters standing for bytes 0..255, in CLIP's vocabulary order.
+
+    Printable Latin-1 bytes stand for themselves; the others (controls, space, soft hyphen) are
+    shifted to U+0100 onwards so every byte is a visible, non-space character. The order is the
+    printable bytes first, then the shifted ones, which is how CLIP numbers its first 256 tokens.
+    """
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in set(printable)]
+    return [chr(b) for b in printable] + [chr(0x100 + i) for i in range(len(shifted))]
+
+
+def _code_point_class(members: Iterable[str]) -> str:
+    """Return an Oniguruma character class ``[...]`` matching exactly the given characters."""
+    ranges: list[list[int]] = []
+    for cp in sorted(ord(c) for c in members):
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    parts = (f"\\x{{{a:x}}}" if a == b else f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges)
+    return "[" + "".join(parts) + "]"
+
+
+def word_pattern() -> str:
+    """Return CLIP's word-splitting regex, rewritten for HF tokenizers (Oniguruma).
+
+    open_clip matches ``<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|
+    [^\\s\\p{L}\\p{N}]+`` with ``regex.IGNORECASE``. Every class and case-insensitive literal is
+    expanded here into the exact set of characters ``regex`` matches, because Oniguruma's Unicode
+    tables differ (about 17,000 newer letters) and case folding adds members (``'ſ`` matches
+    ``'s``; U+0345 matches neither ``[\\p{L}]`` nor its complement).
+    """
+    import regex  # open_clip's regex engine; only needed when building a tokenizer
+
+    code_points = "".join(chr(i) for i in range(0x110000) if not 0xD800 <= i < 0xE000)
+
+    def members(pattern: str) -> set[str]:
+        return set(regex.findall(pattern, code_points, flags=regex.IGNORECASE))
+
+    def literal(word: str) -> str:
+        # Each character becomes the class of everything it matches case-insensitively.
+        out = []
+        for ch in word:
+            variants = members(regex.escape(ch))
+            out.append(re.escape(ch) if variants == {ch} else _code_point_class(variants))
+        return "".join(out)
+
+    literals = [SOT, EOT, "'s", "'t", "'re", "'ve", "'m", "'ll", "'d"]
+    letters = _code_point_class(members(r"[\p{L}]"))
+    number = _code_point_class(members(r"[\p{N}]"))
+    other = _code_point_class(members(r"[^\s\p{L}\p{N}]"))
+    return "|".join([*map(literal, literals), letters + "+", number, other + "+"])
+
+
+def _pre_tokenizer(pattern: str) -> pre_tokenizers.PreTokenizer:
+    # invert=True + "removed" keeps the regex matches as words and drops the rest (spaces), like
+    # re.findall; ByteLevel then maps each UTF-8 byte to its printable stand-in.
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+def _assemble(
+    vocab: dict[str, int],
+    merges: list[tuple[str, str]],
+    pattern: str,
+    pad_token: str,
+    context_length: int,
+) -> HFTokenizer:
+    """Return an HF tokenizer with our pipeline around a BPE of ``vocab`` and ``merges``."""
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix=END_OF_WORD))
+    hf.pre_tokenizer = _pre_tokenizer(pattern)
+    # SOT/EOT are plain vocabulary entries, not HF "added tokens": HF would cut added tokens out
+    # of the raw text anywhere, while open_clip only recognizes them where its word regex starts
+    # a match (see Tokenizer._encode_words).
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{SOT} $A {EOT}", special_tokens=[(SOT, vocab[SOT]), (EOT, vocab[EOT])]
+    )
+    hf.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace(END_OF_WORD, " ")])
+    _set_context_length(hf, context_length, vocab[pad_token], pad_token)
+    return hf
+
+
+def _set_context_length(hf: HFTokenizer, context_length: int, pad_id: int, pad_token: str) -> None:
+    if not isinstance(context_length, int) or context_length < 2:
+        raise ConfigError(
+            f"context_length must be an integer >= 2 (room for start and end tokens), got {context_length!r}"
+        )
+    # Truncation counts the two tokens the post-processor adds, so a long caption keeps
+    # [SOT, first L-2 tokens, EOT]: what open_clip gets by cutting at L and rewriting the last id.
+    hf.enable_truncation(max_length=context_length)
+    hf.enable_padding(length=context_length, pad_id=pad_id, pad_token=pad_token)
+
+
+def read_clip_merges(merges_path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Return CLIP's merges from open_clip's ``bpe_simple_vocab_16e6.txt.gz``, best first."""
+    lines = gzip.open(merges_path, "rt", encoding="utf-8").read().split("\n")
+    # Line 0 is a version header; CLIP uses only the first CLIP_NUM_MERGES merges after it.
+    merges = [tuple(line.split()) for line in lines[1 : 1 + CLIP_NUM_MERGES]]
+    if len(merges) != CLIP_NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise UsageError(f"{merges_path} is not CLIP's BPE merges file")
+    return merges  # type: ignore[return-value]
+
+
+def open_clip_merges_path() -> Path:
+    """Return the path of the merges file inside the installed open_clip_torch package."""
+    spec = importlib.util.find_spec("open_clip")  # locate without importing torch-heavy open_clip
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            "open_clip_torch is not installed; install the dev extra (pip install -e '.[dev]') "
+            "to rebuild the CLIP tokenizer"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def build_clip_json(merges_path: str | os.PathLike | None = None) -> str:
+    """Return CLIP's tokenizer.json text, converted from open_clip's merges file."""
+    merges = read_clip_merges(merges_path or open_clip_merges_path())
+    alphabet = byte_alphabet()
+    tokens = alphabet + [c + END_OF_WORD for c in alphabet] + ["".join(m) for m in merges]
+    tokens += [SOT, EOT]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # CLIP pads with 0 ("!"); the model finds the end at the first EOT, so the collision is harmless.
+    hf = _assemble(vocab, merges, word_pattern(), alphabet[0], CLIP_CONTEXT_LENGTH)
+    return hf.to_str()
+
+
+def build_clip_asset(
+    merges_path: str | os.PathLike | None = None, output: str | os.PathLike = CLIP_ASSET
+) -> Path:
+    """Convert open_clip's merges file into the shipped gzipped tokenizer.json; return its path."""
+    data = gzip.compress(build_clip_json(merges_path).encode("utf-8"), mtime=0)
+    return _write_atomic(Path(output), data)
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name in the same directory (so os.replace is atomic); open() honours the umask,
+    # unlike mkstemp's 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_path(path: str | os.PathLike) -> Path:
+    # A path ending in .json is the file itself; anything else is a (model) directory.
+    path = Path(path)
+    return path if path.suffix == ".json" else path / TOKENIZER_FILE
+
+
+class Tokenizer:
+    """Turns captions into fixed-length id rows ``[SOT, tokens..., EOT, pad...]``.
+
+    Build with :meth:`clip`, :meth:`train` or :meth:`load`; call on a string or a list of strings.
+    """
+
+    def __init__(self, hf: HFTokenizer):
+        padding = hf.padding
+        sot, eot = hf.token_to_id(SOT), hf.token_to_id(EOT)
+        if (
+            padding is None
+            or not isinstance(padding.get("length"), int)
+            or sot is None
+            or eot is None
+        ):
+            raise ValueError(
+                "not a coembed tokenizer: needs <start_of_text>, <end_of_text> and a fixed length"
+            )
+        self._hf = hf
+        self.context_length: int = padding["length"]
+        self.pad_id: int = padding["pad_id"]
+        self.sot_id: int = sot
+        self.eot_id: int = eot
+        self.vocab_size: int = hf.get_vocab_size()
+
+    @classmethod
+    def clip(cls, context_length: int = CLIP_CONTEXT_LENGTH) -> Tokenizer:
+        """Return CLIP's tokenizer (49,408 tokens, pad 0), token-identical to ``open_clip.tokenize``."""
+        hf = HFTokenizer.from_str(gzip.decompress(CLIP_ASSET.read_bytes()).decode("utf-8"))
+        _set_context_length(hf, context_length, 0, hf.id_to_token(0))
+        return cls(hf)
+
+    @classmethod
+    def train(
+        cls, captions: Iterable[str], vocab_size: int, context_length: int = CLIP_CONTEXT_LENGTH
+    ) -> Tokenizer:
+        """Return a BPE tokenizer learned on ``captions`` with at most ``vocab_size`` tokens.
+
+        Clean-up, word splitting and special tokens are CLIP's. Ids 0, 1, 2 are ``<pad>``,
+        ``<start_of_text>``, ``<end_of_text>``; then the 512 byte tokens; then one token per merge,
+        learned until ``vocab_size`` is reached or no pair of symbols repeats.
+        """
+        if not isinstance(vocab_size, int) or vocab_size < 3 + _BASE_SIZE:
+            raise ConfigError(
+                f"vocab_size must be at least {3 + _BASE_SIZE} (3 special + 512 byte tokens), got {vocab_size!r}"
+            )
+        pattern = word_pattern()
+        learner = HFTokenizer(models.BPE(end_of_word_suffix=END_OF_WORD))
+        learner.pre_tokenizer = _pre_tokenizer(pattern)
+        # The trainer counts its alphabet (<= 256 bytes + <= 256 word-final bytes) in its vocabulary,
+        # so this size leaves room for at least the vocab_size - 515 merges we keep.
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size - 3,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            end_of_word_suffix=END_OF_WORD,
+        )
+        learner.train_from_iterator((clean_text(c) for c in captions), trainer)
+        learned = json.loads(learner.to_str())["model"]["merges"]
+
+        alphabet = byte_alphabet()
+        tokens = [PAD, SOT, EOT] + alphabet + [c + END_OF_WORD for c in alphabet]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        merges: list[tuple[str, str]] = []
+        for merge in learned:
+            if len(vocab) == vocab_size:
+                break
+            # tokenizers writes merges as ["a", "b"] (or "a b" before 0.20).
+            a, b = merge.split(" ") if isinstance(merge, str) else merge
+            merges.append((a, b))
+            vocab.setdefault(a + b, len(vocab))  # two merges may spell the same token
+        return cls(_assemble(vocab, merges, pattern, PAD, context_length))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Return the tokenizer saved at ``path`` (a tokenizer.json or a directory holding one).
+
+        Raises ModelDirError when the file is missing, truncated or not a coembed tokenizer.
+        """
+        file = _json_path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ModelDirError(f"tokenizer file {file} is missing") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelDirError(f"cannot read tokenizer file {file}: {e}") from None
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            raise ModelDirError(f"tokenizer file {file} is truncated or not JSON") from None
+        try:
+            return cls(HFTokenizer.from_str(text))
+        except Exception:  # tokenizers raises a bare Exception for a malformed tokenizer.json
+            raise ModelDirError(
+                f"{file} is not a coembed tokenizer.json (HF tokenizers format with "
+                f"{SOT}, {EOT} and a fixed padding length)"
+            ) from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write tokenizer.json (context length included) atomically; return the file's path.
+
+        ``path`` is the file (ending in .json) or a directory to write tokenizer.json into.
+        """
+        return _write_atomic(_json_path(path), self._hf.to_str().encode("utf-8"))
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Return a LongTensor (N, context_length) of ids; a single string gives (1, context_length)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        # Captions repeat a lot (templates, epochs, several per image): clean and encode each once.
+        index = {}
+        for text in texts:
+            if text not in index:
+                if not isinstance(text, str):
+                    raise TypeError(f"captions must be strings, got {type(text).__name__}")
+                index[text] = len(index)
+        rows = self._encode([clean_text(t) for t in index])
+        if len(index) != len(texts):
+            rows = rows[np.fromiter(map(index.__getitem__, texts), np.intp, len(texts))]
+        return torch.from_numpy(rows)
+
+    def _encode(self, cleaned: list[str]) -> np.ndarray:
+        """Return int64 ids (len(cleaned), context_length) for cleaned captions."""
+        rows = np.empty((len(cleaned), self.context_length), dtype=np.int64)
+        # A caption spelling a special token goes the slow, word-by-word way (rare).
+        special = [i for i, t in enumerate(cleaned) if SOT in t or EOT in t]
+        if not special:
+            plain_rows: Iterable[int] = range(len(cleaned))
+            plain = cleaned
+        else:
+            taken = set(special)
+            plain_rows = [i for i in range(len(cleaned)) if i not in taken]
+            plain = [cleaned[i] for i in plain_rows]
+            for i in special:
+                rows[i] = self._encode_words(cleaned[i])
+        if plain:
+            encodings = self._hf.encode_batch_fast(plain, add_special_tokens=True)
+            rows[plain_rows] = [e.ids for e in encodings]
+        return rows
+
+    def _encode_words(self, cleaned: str) -> np.ndarray:
+        """Return one row for a caption whose words may be SOT/EOT, as open_clip numbers them.
+
+        open_clip's word regex tries the special tokens first wherever a match starts, so
+        "a <end_of_text>" holds a real EOT id, while in "!<end_of_text>" the "<" joins the
+        punctuation run and no special token is seen. Our word pattern reproduces that split;
+        a word equal to a special token gets its id, every other word goes through BPE.
+        """
+        ids = [self.sot_id]
+        specials = {SOT: self.sot_id, EOT: self.eot_id}  # ASCII: the byte stand-ins are itself
+        for word, _ in self._hf.pre_tokenizer.pre_tokenize_str(cleaned):
+            if word in specials:
+                ids.append(specials[word])
+            else:
+                ids.extend(token.id for token in self._hf.model.tokenize(word))
+        ids = ids[: self.context_length - 1] + [self.eot_id]
+        return np.array(ids + [self.pad_id] * (self.context_length - len(ids)), dtype=np.int64)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor | np.ndarray) -> str:
+        """Return the text of one id row: from after SOT up to the first EOT, words space-separated."""
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if ids and ids[0] == self.sot_id:
+            ids = ids[1:]
+        if self.eot_id in ids:
+            ids = ids[: ids.index(self.eot_id)]
+        # Every word ends in "</w>", now a space; the last one's is not wanted.
+        return self._hf.decode(ids, skip_special_tokens=False).rstrip(" ")
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length}, "
+            f"sot_id={self.sot_id}, eot_id={self.eot_id}, pad_id={self.pad_id})"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m coembed.tokenizer --build-clip``; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m coembed.tokenizer", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--build-clip",
+        action="store_true",
+        help="convert open_clip's bpe_simple_vocab_16e6.txt.gz into the shipped CLIP tokenizer",
+    )
+    parser.add_argument(
+        "--merges", help="merges file to convert (default: the installed open_clip's)"
+    )
+    parser.add_argument(
+        "--output", default=str(CLIP_ASSET), help="where to write (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    if not args.build_clip:
+        parser.error("nothing to do: pass --build-clip")
+    try:
+        path = build_clip_asset(args.merges, args.output)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
