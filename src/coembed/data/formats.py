@@ -469,7 +469,7 @@ def read_records(
     path = os.fspath(path)
     report = ReadReport()
     collect = _Collector(report, max_caption_chars)
-    p = Path(os.path.expanduser(path))
+    p = Path(os.path.abspath(os.path.expanduser(path)))
     is_pattern = not p.exists() and ("{" in path or "::" in path)
     is_shards = is_pattern or p.suffix.lower() == ".tar"
     is_json = p.suffix.lower() == ".json" and p.is_file()

@@ -1,0 +1,299 @@
+"""Batches of (images, captions) for training, and batches of images for embedding.
+
+``PairData`` turns records into image-caption pairs (each caption of a multi-caption image is
+one pair) and serves deterministic epochs:
+
+- the epoch's permutation comes from ``torch.Generator().manual_seed(seed * 1000003 + epoch)``
+  and is the same on every rank;
+- global batch b is ``perm[b*B*W : (b+1)*B*W]`` and rank r takes ``[r*B : (r+1)*B]`` of it;
+- a batch's augmentation generator is seeded from (seed, epoch, b, rank), so ``start_batch=k``
+  yields exactly batches k, k+1, ... of an uninterrupted epoch (resume), and the concatenated
+  rank slices are the single-process batch of size B*W (DDP).
+
+Small data (the decoded cache fits ``max_cache_bytes``) is decoded once into a memory-mapped
+uint8 array (``coembed.data.cache``); bigger data streams through a DataLoader whose workers
+decode each batch. Either way the random resized crop runs batched (``train_augment``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from coembed.data.cache import Source, cache_size_for, decode_images, decode_square
+from coembed.data.formats import Record
+from coembed.data.images import ImageReadError, ImageSource, open_image
+from coembed.data.transforms import eval_from_uint8, eval_transform, train_augment
+from coembed.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def epoch_permutation(num_pairs: int, seed: int, epoch: int) -> Tensor:
+    """The order of the pairs in an epoch; identical on every rank."""
+    return torch.randperm(
+        num_pairs, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)
+    )
+
+
+def batch_generator(seed: int, epoch: int, batch: int, rank: int) -> torch.Generator:
+    """The augmentation generator of one rank's slice of one global batch."""
+    words = [x & 0xFFFFFFFF for x in (seed, seed >> 32, epoch, batch, rank)]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+class _DecodePairs(Dataset):
+    """Streaming mode: pair index -> (pair index, uint8 square or None, failure reason or None)."""
+
+    def __init__(self, sources: Sequence[Source], pair_image: np.ndarray, size: int) -> None:
+        self.sources, self.pair_image, self.size = sources, pair_image, size
+
+    def __len__(self) -> int:
+        return len(self.pair_image)
+
+    def __getitem__(self, pair: int) -> tuple[int, np.ndarray | None, str | None]:
+        try:
+            return pair, decode_square(self.sources[self.pair_image[pair]], self.size), None
+        except ImageReadError as e:
+            return pair, None, e.reason
+
+
+def _collate_pairs(items: list) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
+    ok = [(p, a) for p, a, _ in items if a is not None]
+    failed = [(p, r) for p, a, r in items if a is None]
+    if ok:
+        u8 = torch.from_numpy(np.stack([a for _, a in ok]))  # (b, C, C, 3)
+    else:
+        u8 = torch.empty(0, 0, 0, 3, dtype=torch.uint8)
+    return u8, [p for p, _ in ok], failed
+
+
+class PairData:
+    """Image-caption pairs with deterministic, resumable, rank-sliced epochs."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        pair_image: np.ndarray,
+        pair_caption: list[str],
+        image_size: int,
+        cache_size: int,
+        images: np.ndarray | None,
+        skipped: dict[str, int],
+        num_workers: int,
+    ) -> None:
+        self.sources = sources
+        self.pair_image = pair_image  # (P,) int64: pair -> row of `sources` / `images`
+        self.pair_caption = pair_caption  # (P,) captions
+        self.image_size = image_size
+        self.cache_size = cache_size
+        self.images = images  # (N, C, C, 3) uint8, or None when streaming
+        self.skipped = skipped  # reason -> number of images dropped
+        self.num_workers = num_workers
+        self._stream_failed: dict[int, str] = {}  # image row -> reason, streaming mode
+
+    @property
+    def streaming(self) -> bool:
+        return self.images is None
+
+    @classmethod
+    def from_records(
+        cls,
+        records: Sequence[Record],
+        image_size: int,
+        cache_dir: str | None,
+        max_cache_bytes: int = 4 << 30,
+        num_workers: int = 2,
+    ) -> PairData:
+        """Pairs from records; decodes into the cache when it fits ``max_cache_bytes``.
+
+        ``cache_dir=None`` keeps the decoded array in memory for this run only. Images that
+        fail to decode are dropped and counted in ``skipped`` (streaming mode: as met).
+        """
+        sources: list[Source] = []
+        row_of: dict[Source, int] = {}
+        pair_rows: list[int] = []
+        pair_caption: list[str] = []
+        for record in records:
+            row = row_of.setdefault(record.image, len(sources))
+            if row == len(sources):
+                sources.append(record.image)
+            pair_rows.extend([row] * len(record.captions))
+            pair_caption.extend(record.captions)
+        if not pair_caption:
+            raise DataError(
+                "no image-caption pairs to train on; check the dataset path and columns"
+            )
+        size = cache_size_for(image_size)
+        pair_image = np.asarray(pair_rows, dtype=np.int64)
+        need = len(sources) * size * size * 3
+        if need > max_cache_bytes:
+            log.info(
+                "decoded cache would need %.2f GB > budget %.2f GB: decoding per batch with %d workers",
+                need / 2**30,
+                max_cache_bytes / 2**30,
+                num_workers,
+            )
+            return cls(sources, pair_image, pair_caption, image_size, size, None, {}, num_workers)
+
+        decoded = decode_images(sources, size, cache_dir, num_workers=num_workers)
+        skipped = dict(Counter(decoded.failures.values()))
+        keep = np.array([row not in decoded.failures for row in pair_rows], dtype=bool)
+        if not keep.any():
+            raise DataError(
+                f"none of the {len(sources)} images could be read ({_format_counts(skipped)}); "
+                "check that the image paths in the dataset point at real image files"
+            )
+        if skipped:
+            log.warning(
+                "skipped %d of %d images: %s",
+                len(decoded.failures),
+                len(sources),
+                _format_counts(skipped),
+            )
+        captions = [c for c, k in zip(pair_caption, keep) if k]
+        return cls(
+            sources,
+            pair_image[keep],
+            captions,
+            image_size,
+            size,
+            decoded.array,
+            skipped,
+            num_workers,
+        )
+
+    def __len__(self) -> int:
+        return len(self.pair_caption)
+
+    def num_batches(self, batch_size: int, world_size: int = 1) -> int:
+        """Global batches per epoch (the last partial batch is dropped)."""
+        n = len(self) // (batch_size * world_size)
+        if n == 0:
+            raise DataError(
+                f"a global batch of {batch_size} x {world_size} process(es) is more than the "
+                f"{len(self)} usable pairs; lower the batch size"
+            )
+        return n
+
+    def epoch_batches(
+        self,
+        epoch: int,
+        seed: int,
+        batch_size: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> Iterator[tuple[Tensor, list[str]]]:
+        """This rank's batches of one epoch from ``start_batch`` on: (images, captions).
+
+        Images are float32 (B, 3, S, S), normalized, channels_last, on ``device`` (uint8 is
+        moved there before augmenting: 4x less to copy). In streaming mode an image that fails
+        to decode is dropped from its batch (and a batch with none left is skipped).
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        n_batches = self.num_batches(batch_size, world_size)
+        perm = epoch_permutation(len(self), seed, epoch)
+        G = batch_size * world_size
+        # Rows of `perm` this rank takes: (n_batches, B) pair indices.
+        mine = perm[: n_batches * G].view(n_batches, world_size, batch_size)[:, rank]
+        batches = range(start_batch, n_batches)
+        if self.streaming:
+            stream = self._stream(mine, batches)
+        else:
+            stream = (
+                (
+                    b,
+                    torch.from_numpy(self.images[self.pair_image[mine[b].numpy()]]),
+                    mine[b].tolist(),
+                )
+                for b in batches
+            )
+        for b, u8, pairs in stream:
+            u8 = u8.to(device)  # (B, C, C, 3) uint8
+            if augment:
+                x = train_augment(u8, self.image_size, batch_generator(seed, epoch, b, rank))
+            else:
+                x = eval_from_uint8(u8, self.image_size)
+            yield x, [self.pair_caption[p] for p in pairs]
+
+    def _stream(self, mine: Tensor, batches: range) -> Iterator[tuple[int, Tensor, list[int]]]:
+        dataset = _DecodePairs(self.sources, self.pair_image, self.cache_size)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=[mine[b].tolist() for b in batches],
+            collate_fn=_collate_pairs,
+            num_workers=self.num_workers,
+        )
+        for b, (u8, pairs, failed) in zip(batches, loader):
+            for pair, reason in failed:
+                row = int(self.pair_image[pair])
+                if row not in self._stream_failed:
+                    self._stream_failed[row] = reason
+                    self.skipped[reason] = self.skipped.get(reason, 0) + 1
+            if pairs:
+                yield b, u8, pairs
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
+
+
+# ---------------------------------------------------------------------------------- embedding
+
+
+class _EvalImages(Dataset):
+    """index -> (index, (3, S, S) tensor or None, error message or None)."""
+
+    def __init__(self, sources: Sequence[ImageSource], image_size: int) -> None:
+        self.sources, self.transform = sources, eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None]:
+        try:
+            return i, self.transform(open_image(self.sources[i])), None
+        except ImageReadError as e:
+            return i, None, str(e)
+
+
+def _collate_eval(items: list) -> list:
+    return items
+
+
+def iter_image_batches(
+    sources: Sequence[ImageSource],
+    image_size: int,
+    batch_size: int,
+    num_workers: int = 2,
+) -> Iterator[tuple[Tensor, list[int], list[tuple[int, str]]]]:
+    """Eval-preprocessed batches of arbitrary images: (pixels, ok indices, failures).
+
+    ``pixels`` is float32 (n_ok, 3, S, S) channels_last (n_ok may be 0 when a whole batch
+    fails); ``ok indices`` index into ``sources``; failures are (index, message). Lists longer
+    than two batches are decoded by DataLoader workers.
+    """
+    dataset = _EvalImages(sources, image_size)
+    workers = num_workers if len(sources) > 2 * batch_size else 0
+    loader = DataLoader(
+        dataset, batch_size=batch_size, collate_fn=_collate_eval, num_workers=workers
+    )
+    for items in loader:
+        ok = [(i, x) for i, x, _ in items if x is not None]
+        failures = [(i, msg) for i, x, msg in items if x is None]
+        if ok:
+            pixels = torch.stack([x for _, x in ok])  # (n_ok, 3, S, S)
+        else:
+            pixels = torch.empty(0, 3, image_size, image_size)
+        yield pixels.contiguous(memory_format=torch.channels_last), [i for i, _ in ok], failures
