@@ -1,0 +1,94 @@
+"""Transforms: eval parity with open_clip; the batched random resized crop."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from coembed.data.transforms import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    eval_from_uint8,
+    eval_transform,
+    random_resized_boxes,
+    train_augment,
+)
+
+
+@pytest.mark.parametrize("size", [64, 224])
+@pytest.mark.parametrize("wh", [(97, 61), (50, 203), (224, 224), (31, 31), (640, 427)])
+def test_eval_transform_matches_open_clip(size, wh):
+    rng = np.random.default_rng(sum(wh) + size)
+    im = Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
+    ours = eval_transform(size)(im)
+    theirs = open_clip.image_transform(size, is_train=False)(im)
+    assert ours.shape == theirs.shape == (3, size, size) and ours.dtype == torch.float32
+    assert (ours - theirs).abs().max().item() < 1e-6
+
+
+def test_clip_constants_match_open_clip():
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    assert OPENAI_CLIP_MEAN == tuple(OPENAI_DATASET_MEAN)
+    assert OPENAI_CLIP_STD == tuple(OPENAI_DATASET_STD)
+
+
+def random_batch(B=6, H=40, W=40, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (B, H, W, 3), generator=g, dtype=torch.uint8)
+
+
+def test_train_augment_shape_layout_and_determinism():
+    batch = random_batch()
+    a = train_augment(batch, 32, torch.Generator().manual_seed(1))
+    b = train_augment(batch, 32, torch.Generator().manual_seed(1))
+    c = train_augment(batch, 32, torch.Generator().manual_seed(2))
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_full_box_equals_eval_resize_and_constant_stays_constant():
+    batch = random_batch()
+    # scale=ratio=1 on a square picks the whole image: the same as the eval resize.
+    full = train_augment(batch, 32, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
+    assert torch.allclose(full, eval_from_uint8(batch, 32), atol=1e-5)
+    # A flat picture must stay flat: no darkened borders from sampling outside the image.
+    flat = torch.full((4, 40, 40, 3), 200, dtype=torch.uint8)
+    out = train_augment(flat, 32, torch.Generator().manual_seed(0))
+    expected = (200 / 255 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+    assert torch.allclose(out, expected.view(1, 3, 1, 1).expand_as(out), atol=1e-5)
+
+
+def test_eval_from_uint8_without_resize_is_plain_normalization():
+    batch = random_batch(B=2, H=8, W=8)
+    out = eval_from_uint8(batch)
+    mean, std = np.array(OPENAI_CLIP_MEAN), np.array(OPENAI_CLIP_STD)
+    ref = (batch.numpy() / 255.0 - mean) / std  # (B, H, W, 3)
+    assert np.allclose(out.permute(0, 2, 3, 1).numpy(), ref, atol=1e-6)
+    # A wide picture is center-cropped square first.
+    wide = torch.zeros(1, 10, 30, 3, dtype=torch.uint8)
+    wide[:, :, 10:20] = 255
+    assert eval_from_uint8(wide, 10).min() > 1.5  # only the white centre is left
+
+
+def test_boxes_inside_image_with_area_and_ratio_in_range():
+    boxes = random_resized_boxes(
+        500, 60, 80, torch.Generator().manual_seed(0), (0.3, 0.9), (0.5, 2.0)
+    )
+    x0, y0, x1, y1 = boxes.unbind(1)
+    assert (
+        (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 80 + 1e-4).all() and (y1 <= 60 + 1e-4).all()
+    )
+    area = (x1 - x0) * (y1 - y0) / (60 * 80)
+    ratio = (x1 - x0) / (y1 - y0)
+    # As in torchvision, when 10 tries do not fit the box falls back to the whole image.
+    fallback = (area - 1).abs() < 1e-5
+    assert fallback.float().mean() < 0.05
+    area, ratio = area[~fallback], ratio[~fallback]
+    assert area.min() >= 0.3 - 1e-4 and area.max() <= 0.9 + 1e-4
+    assert ratio.min() >= 0.5 - 1e-4 and ratio.max() <= 2.0 + 1e-4
+    assert area.std() > 0.1  # actually random
