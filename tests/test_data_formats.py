@@ -41,6 +41,17 @@ def test_csv_relative_paths_resolve_against_file_folder(tmp_path, monkeypatch):
     assert report.images == 2 and report.captions == 3
 
 
+def test_quoted_newlines_and_unicode_separators_stay_in_the_caption(tmp_path):
+    text = 'filepath,caption\r\na.png,"two\nlines"\r\nb.png,odd\u2028sep\r\n'
+    (tmp_path / "d.csv").write_text(text, encoding="utf-8", newline="")
+    records, report = read_records(str(tmp_path / "d.csv"))
+    assert [r.captions[0] for r in records] == ["two\nlines", "odd\u2028sep"] and report.rows == 2
+    (tmp_path / "d.jsonl").write_text(
+        '{"filepath": "a.png", "caption": "x\u2028y"}\n', encoding="utf-8"
+    )
+    assert read_records(str(tmp_path / "d.jsonl"))[0][0].captions == ["x\u2028y"]
+
+
 @pytest.mark.parametrize("name", ["pairs.tsv", "pairs.csv", "pairs.txt"])
 def test_tsv_sniffed_whatever_the_extension(tmp_path, name):
     (tmp_path / name).write_text("filepath\tcaption\na.png\ta cat, with a comma\n")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import json
 import os
 import re
@@ -184,7 +185,9 @@ def _read_table(
     delimiter = "\t" if "\t" in header else ","
     collect.report.format = "tsv" if delimiter == "\t" else "csv"
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # captions can be long
-    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    # newline="": quoted captions may hold newlines; str.splitlines would also break on
+    # U+2028 and friends inside a caption.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         columns = [c.strip() for c in next(reader)]
     except StopIteration:
@@ -221,7 +224,9 @@ def _read_jsonl(
     base = path.parent
     keys_seen: set[str] = set()
     has_image = has_caption = False
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+    for n, line in enumerate(
+        _read_text(path).split("\n"), start=1
+    ):  # not splitlines: see _read_table
         if not line.strip():
             continue
         try:
