@@ -125,7 +125,11 @@ def _decode_all(
     """Fill the (already created) .npy at npy_path; returns failures: index -> reason."""
     failures: dict[int, str] = {}
     bar = tqdm(
-        total=len(sources), desc=f"decoding images ({size}px cache)", unit="img", leave=False
+        total=len(sources),
+        desc=f"decoding images ({size}px cache)",
+        unit="img",
+        leave=False,
+        disable=os.environ.get("COEMBED_NO_PROGRESS") == "1",  # tests and quiet runs
     )
     chunk = 16
     if num_workers <= 1 or len(sources) < PARALLEL_MIN_IMAGES:
