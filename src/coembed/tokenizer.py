@@ -19,6 +19,7 @@ in ``coembed/assets``; ``python -m coembed.tokenizer --build-clip`` regenerates 
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import html
 import importlib.util
@@ -28,6 +29,7 @@ import re
 import secrets
 import sys
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 
 import ftfy
@@ -50,6 +52,7 @@ CLIP_CONTEXT_LENGTH = 77
 # the merges file holds more lines than that, of which CLIP uses the first 48,894.
 CLIP_NUM_MERGES = 49408 - 512 - 2
 _BASE_SIZE = 512  # bytes, and bytes ending a word
+_CHUNK_CACHE_SIZE = 1 << 20  # distinct space-separated chunks remembered per tokenizer
 
 # ftfy.fix_text leaves a string unchanged when every fixer leaves it unchanged. For ASCII text
 # only five can act: unescape_html (needs "&"), remove_terminal_escapes (needs ESC, a control
@@ -59,6 +62,14 @@ _BASE_SIZE = 512  # bytes, and bytes ending a word
 _NOT_FTFY_IDENTITY_ASCII = re.compile(r"[&\r\x00-\x08\x0b\x0e-\x1f\x7f]")
 
 
+def skips_ftfy(text: str) -> bool:
+    """Return True when ``ftfy.fix_text(text) == text`` is known without running ftfy.
+
+    True for ASCII text without "&", "\\r" and the control characters ftfy removes.
+    """
+    return text.isascii() and _NOT_FTFY_IDENTITY_ASCII.search(text) is None
+
+
 def clean_text(text: str) -> str:
     """Return ``text`` cleaned exactly as open_clip's default ("lower") clean-up does.
 
@@ -66,7 +77,7 @@ def clean_text(text: str) -> str:
     stripped, then lower-cased. ftfy is skipped for ASCII strings it provably leaves unchanged,
     which is most captions and most of ftfy's cost.
     """
-    if not text.isascii() or _NOT_FTFY_IDENTITY_ASCII.search(text):
+    if not skips_ftfy(text):
         text = ftfy.fix_text(text)
     # html.unescape returns at once when there is no "&"; the split/join also strips.
     text = html.unescape(html.unescape(text))
@@ -97,6 +108,7 @@ def _code_point_class(members: Iterable[str]) -> str:
     return "[" + "".join(parts) + "]"
 
 
+@functools.lru_cache(maxsize=1)  # ~1 s of scanning every code point; the answer never changes
 def word_pattern() -> str:
     """Return CLIP's word-splitting regex, rewritten for HF tokenizers (Oniguruma).
 
@@ -254,6 +266,11 @@ class Tokenizer:
                 "not a coembed tokenizer: needs <start_of_text>, <end_of_text> and a fixed length"
             )
         self._hf = hf
+        # The same model and word splitting without SOT/EOT, truncation or padding: our cache works
+        # on words, and rows are assembled in numpy (the HF Encoding objects are the slow part).
+        self._words = HFTokenizer(hf.model)
+        self._words.pre_tokenizer = hf.pre_tokenizer
+        self._cache: dict[str, list[int]] = {}
         self.context_length: int = padding["length"]
         self.pad_id: int = padding["pad_id"]
         self.sot_id: int = sot
@@ -345,53 +362,74 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         # Captions repeat a lot (templates, epochs, several per image): clean and encode each once.
-        index = {}
+        index: dict[str, int] = {}
         for text in texts:
             if text not in index:
                 if not isinstance(text, str):
                     raise TypeError(f"captions must be strings, got {type(text).__name__}")
                 index[text] = len(index)
-        rows = self._encode([clean_text(t) for t in index])
+        rows = self._rows([self._chunk_ids(clean_text(t).split(" ")) for t in index])
         if len(index) != len(texts):
             rows = rows[np.fromiter(map(index.__getitem__, texts), np.intp, len(texts))]
         return torch.from_numpy(rows)
 
-    def _encode(self, cleaned: list[str]) -> np.ndarray:
-        """Return int64 ids (len(cleaned), context_length) for cleaned captions."""
-        rows = np.empty((len(cleaned), self.context_length), dtype=np.int64)
-        # A caption spelling a special token goes the slow, word-by-word way (rare).
-        special = [i for i, t in enumerate(cleaned) if SOT in t or EOT in t]
-        if not special:
-            plain_rows: Iterable[int] = range(len(cleaned))
-            plain = cleaned
-        else:
-            taken = set(special)
-            plain_rows = [i for i in range(len(cleaned)) if i not in taken]
-            plain = [cleaned[i] for i in plain_rows]
-            for i in special:
-                rows[i] = self._encode_words(cleaned[i])
-        if plain:
-            encodings = self._hf.encode_batch_fast(plain, add_special_tokens=True)
-            rows[plain_rows] = [e.ids for e in encodings]
-        return rows
+    def _chunk_ids(self, chunks: list[str]) -> list[int]:
+        """Return the BPE ids of a cleaned caption given as its space-separated chunks.
 
-    def _encode_words(self, cleaned: str) -> np.ndarray:
-        """Return one row for a caption whose words may be SOT/EOT, as open_clip numbers them.
+        No word of CLIP's pattern contains or crosses a space, so a caption's ids are its
+        chunks' ids one after the other. Chunks ("dog", "beach,", "#12") repeat across captions far
+        more than captions do, so each distinct chunk is encoded once and remembered, like
+        open_clip's per-word BPE cache. HF encodes the new ones of a call in one batch.
+        """
+        cache = self._cache
+        missing = [c for c in chunks if c not in cache]
+        if missing:
+            self._fill_cache(missing)
+        return [i for c in chunks for i in cache[c]]
+
+    def _fill_cache(self, chunks: list[str]) -> None:
+        chunks = list(dict.fromkeys(chunks))
+        if len(self._cache) + len(chunks) > _CHUNK_CACHE_SIZE:
+            self._cache.clear()  # bound memory on endless streams of new words
+        plain = [c for c in chunks if SOT not in c and EOT not in c]
+        for chunk, encoding in zip(plain, self._words.encode_batch_fast(plain)):
+            self._cache[chunk] = encoding.ids
+        for chunk in chunks:
+            if chunk not in self._cache:
+                self._cache[chunk] = self._special_chunk_ids(chunk)
+
+    def _special_chunk_ids(self, chunk: str) -> list[int]:
+        """Return the ids of a chunk that spells a special token, numbered as open_clip does.
 
         open_clip's word regex tries the special tokens first wherever a match starts, so
-        "a <end_of_text>" holds a real EOT id, while in "!<end_of_text>" the "<" joins the
+        "<end_of_text>" alone is a real EOT id, while in "!<end_of_text>" the "<" joins the
         punctuation run and no special token is seen. Our word pattern reproduces that split;
         a word equal to a special token gets its id, every other word goes through BPE.
         """
-        ids = [self.sot_id]
-        specials = {SOT: self.sot_id, EOT: self.eot_id}  # ASCII: the byte stand-ins are itself
-        for word, _ in self._hf.pre_tokenizer.pre_tokenize_str(cleaned):
+        specials = {SOT: self.sot_id, EOT: self.eot_id}  # ASCII: their byte stand-ins are the same
+        ids: list[int] = []
+        for word, _ in self._words.pre_tokenizer.pre_tokenize_str(chunk):
             if word in specials:
                 ids.append(specials[word])
             else:
-                ids.extend(token.id for token in self._hf.model.tokenize(word))
-        ids = ids[: self.context_length - 1] + [self.eot_id]
-        return np.array(ids + [self.pad_id] * (self.context_length - len(ids)), dtype=np.int64)
+                ids.extend(token.id for token in self._words.model.tokenize(word))
+        return ids
+
+    def _rows(self, seqs: list[list[int]]) -> np.ndarray:
+        """Return int64 rows [SOT, seq[:L-2], EOT, pad...] (len(seqs), L); L = context_length."""
+        n, length = len(seqs), self.context_length
+        lens = np.fromiter(map(len, seqs), np.intp, n)
+        flat = np.fromiter(chain.from_iterable(seqs), np.int64, int(lens.sum()))
+        # Truncation keeps room for SOT and EOT, as open_clip's cut-at-L-then-write-EOT does.
+        keep = np.minimum(lens, length - 2)
+        rows = np.full((n, length), self.pad_id, dtype=np.int64)
+        rows[:, 0] = self.sot_id
+        # Scatter every kept id at once: token j of caption i goes to rows[i, 1 + j].
+        row = np.repeat(np.arange(n), keep)  # (K,)
+        col = np.arange(int(keep.sum())) - np.repeat(np.cumsum(keep) - keep, keep)  # (K,)
+        rows[row, 1 + col] = flat[np.repeat(np.cumsum(lens) - lens, keep) + col]
+        rows[np.arange(n), 1 + keep] = self.eot_id
+        return rows
 
     def decode(self, ids: Sequence[int] | torch.Tensor | np.ndarray) -> str:
         """Return the text of one id row: from after SOT up to the first EOT, words space-separated."""
