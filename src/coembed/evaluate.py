@@ -1,0 +1,294 @@
+"""Evaluation: retrieval recall@K in both directions, and zero-shot classification.
+
+Retrieval (``retrieval_metrics``) handles several captions per image, as in COCO and Flickr30k:
+
+- image -> text: an image scores a hit at K when *any* of its captions is among the K best texts;
+- text -> image: each caption has one target, the image it describes.
+
+Ties count against the model: an item is ranked behind every other item with an equal or
+higher score, so a model that maps everything to one point scores zero, not one.
+
+Zero-shot classification (``zeroshot_cli``) reads a folder with one sub-folder of images per
+class, embeds every class name through a list of prompt templates, averages the normalized
+template embeddings (renormalized: CLIP's "prompt ensembling") and classifies each image by the
+nearest class embedding.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coembed.errors import DataError, UsageError
+
+# Prompt templates for zero-shot classification. A few phrasings in the style of CLIP's ImageNet
+# list; averaging over them makes the class embedding less sensitive to one caption style.
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a {}.",
+    "there is a {}.",
+    "a drawing of a {}.",
+    "a rendering of a {}.",
+    "a close-up photo of a {}.",
+    "a photo of the {}.",
+    "a good photo of a {}.",
+)
+
+# Similarity rows are computed in blocks so that 25k captions x 5k images never needs one
+# (25k, 5k) matrix in memory at once.
+_BLOCK = 1024
+
+
+def _check_shapes(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray) -> None:
+    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(
+            f"expected (N_img, D) and (N_txt, D) embeddings, got {image_emb.shape} and {text_emb.shape}"
+        )
+    if text_to_image.shape != (len(text_emb),):
+        raise ValueError(
+            f"text_to_image must have one entry per text ({len(text_emb)}), got {text_to_image.shape}"
+        )
+    if len(text_to_image) and (text_to_image.min() < 0 or text_to_image.max() >= len(image_emb)):
+        raise ValueError("text_to_image holds an index outside [0, N_img)")
+
+
+def image_to_text_ranks(
+    image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray
+) -> np.ndarray:
+    """For each image with captions, the 0-based rank of its best caption among all texts.
+
+    Returns an (N_img_with_captions,) int array; images without captions are left out.
+    """
+    has_caption = np.zeros(len(image_emb), bool)
+    has_caption[text_to_image] = True
+    ranks = []
+    for start in range(0, len(image_emb), _BLOCK):
+        ids = np.arange(start, min(start + _BLOCK, len(image_emb)))
+        scores = image_emb[ids] @ text_emb.T  # (b, N_txt)
+        own = text_to_image[None, :] == ids[:, None]  # (b, N_txt): caption belongs to the image
+        best_own = np.where(own, scores, -np.inf).max(axis=1)  # (b,)
+        # Other images' captions scoring at least as well as the best own caption rank ahead.
+        ranks.append(((scores >= best_own[:, None]) & ~own).sum(axis=1))
+    return np.concatenate(ranks)[has_caption] if ranks else np.zeros(0, np.int64)
+
+
+def text_to_image_ranks(
+    image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray
+) -> np.ndarray:
+    """For each text, the 0-based rank of its image among all images: an (N_txt,) int array."""
+    ranks = []
+    for start in range(0, len(text_emb), _BLOCK):
+        ids = np.arange(start, min(start + _BLOCK, len(text_emb)))
+        scores = text_emb[ids] @ image_emb.T  # (b, N_img)
+        target = scores[np.arange(len(ids)), text_to_image[ids]]  # (b,)
+        # The target itself always satisfies >=; every other image that does ranks ahead.
+        ranks.append((scores >= target[:, None]).sum(axis=1) - 1)
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
+def retrieval_metrics(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_to_image: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float | int]:
+    """Recall@K both ways for unit-row embeddings; ``text_to_image[t]`` is caption t's image.
+
+    Returns ``{"image_to_text_R@K": float, "text_to_image_R@K": float, ..., "images": int,
+    "captions": int}`` where ``images`` counts the images that have at least one caption.
+    """
+    image_emb = np.asarray(image_emb, np.float32)
+    text_emb = np.asarray(text_emb, np.float32)
+    text_to_image = np.asarray(text_to_image, np.int64)
+    _check_shapes(image_emb, text_emb, text_to_image)
+    if len(text_emb) == 0:
+        raise DataError("nothing to evaluate: no captions with a readable image")
+    i2t = image_to_text_ranks(image_emb, text_emb, text_to_image)
+    t2i = text_to_image_ranks(image_emb, text_emb, text_to_image)
+    metrics: dict[str, float | int] = {}
+    for k in ks:
+        metrics[f"image_to_text_R@{k}"] = float(np.mean(i2t < k))
+    for k in ks:
+        metrics[f"text_to_image_R@{k}"] = float(np.mean(t2i < k))
+    metrics["images"] = len(i2t)
+    metrics["captions"] = len(t2i)
+    return metrics
+
+
+def _warn_skipped(failures: list[tuple[Any, str]]) -> None:
+    if failures:
+        sys.stderr.write(
+            f"coembed: skipped {len(failures)} image(s) that could not be read "
+            f"(first: {failures[0][1]})\n"
+        )
+
+
+def evaluate_retrieval_cli(
+    model_dir: str | os.PathLike,
+    data_path: str | os.PathLike,
+    image_key: str | None = None,
+    caption_key: str | None = None,
+    split: str | None = None,
+    device: str = "auto",
+) -> dict[str, float | int]:
+    """``coembed eval``: recall@1/5/10 both ways on a dataset, plus counts.
+
+    Images that fail to decode are skipped with their captions and counted in
+    ``skipped_images``.
+    """
+    from coembed.data.formats import read_records
+    from coembed.embedder import load
+    from coembed.index import embed_image_sources
+
+    embedder = load(model_dir, device=device)
+    records, _ = read_records(
+        os.fspath(data_path), image_key or "filepath", caption_key or "caption", split
+    )
+    image_emb, ok, failures = embed_image_sources(embedder, [r.image for r in records])
+    _warn_skipped(failures)
+    captions: list[str] = []
+    text_to_image: list[int] = []
+    for row, record_id in enumerate(ok):
+        captions.extend(records[record_id].captions)
+        text_to_image.extend([row] * len(records[record_id].captions))
+    text_emb = embedder.embed_texts(captions)
+    metrics = retrieval_metrics(image_emb, text_emb, np.asarray(text_to_image, np.int64))
+    metrics["skipped_images"] = len(failures)
+    return metrics
+
+
+# --- zero-shot -----------------------------------------------------------------------------------
+
+
+def read_templates(path: str | os.PathLike | None) -> list[str]:
+    """Templates from a file (one per line, each with ``{}``), or the default list."""
+    if path is None:
+        return list(DEFAULT_TEMPLATES)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"--templates {path}: no such file") from None
+    templates = [line.strip() for line in lines if line.strip()]
+    if not templates:
+        raise UsageError(f"--templates {path}: no templates in the file (one per line, with {{}})")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise UsageError(
+            f"--templates {path}: template {bad[0]!r} has no {{}} where the class name goes"
+        )
+    return templates
+
+
+def class_folders(folder: str | os.PathLike) -> list[tuple[str, list[Path]]]:
+    """(class name, image paths) per sub-folder, sorted by folder name; '_' reads as a space."""
+    from coembed.embedder import list_images
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{folder}: no such folder (zero-shot needs one sub-folder per class)")
+    classes = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = list_images(sub)
+        if images:
+            classes.append((sub.name.replace("_", " "), images))
+    if len(classes) < 2:
+        raise DataError(
+            f"{folder}: found {len(classes)} class sub-folder(s) with images; zero-shot "
+            "classification needs at least two (one sub-folder of images per class)"
+        )
+    return classes
+
+
+def zeroshot_classifier(
+    embedder, classnames: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
+    """(C, D) unit rows: per class, the renormalized mean of its normalized template embeddings."""
+    prompts = [t.format(name) for name in classnames for t in templates]
+    emb = embedder.embed_texts(prompts).reshape(len(classnames), len(templates), -1)  # (C, T, D)
+    emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    mean = emb.mean(axis=1)  # (C, D)
+    return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def zeroshot_scores(
+    image_emb: np.ndarray, labels: np.ndarray, classifier: np.ndarray, classnames: Sequence[str]
+) -> dict[str, Any]:
+    """Top-1/top-5 accuracy overall and per class, and each class's most frequent wrong guess."""
+    logits = image_emb @ classifier.T  # (N, C)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    top1 = order[:, 0] == labels
+    top5 = (order[:, :5] == labels[:, None]).any(axis=1)
+    per_class = []
+    for c, name in enumerate(classnames):
+        mine = labels == c
+        wrong = order[mine & ~top1, 0]
+        confused = classnames[int(np.bincount(wrong).argmax())] if len(wrong) else None
+        per_class.append(
+            {
+                "class": name,
+                "images": int(mine.sum()),
+                "top1": float(top1[mine].mean()) if mine.any() else 0.0,
+                "top5": float(top5[mine].mean()) if mine.any() else 0.0,
+                "most_confused_with": confused,
+            }
+        )
+    return {
+        "top1": float(top1.mean()),
+        "top5": float(top5.mean()),
+        "images": len(labels),
+        "classes": len(classnames),
+        "per_class": per_class,
+    }
+
+
+def zeroshot_cli(
+    model_dir: str | os.PathLike,
+    folder: str | os.PathLike,
+    templates: str | os.PathLike | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """``coembed zeroshot``: top-1/top-5 accuracy and a per-class table for an image folder."""
+    from coembed.embedder import load
+    from coembed.index import embed_image_sources
+
+    prompts = read_templates(templates)
+    classes = class_folders(folder)
+    embedder = load(model_dir, device=device)
+    classnames = [name for name, _ in classes]
+    paths = [p for _, images in classes for p in images]
+    labels_all = np.concatenate([np.full(len(images), c) for c, (_, images) in enumerate(classes)])
+    image_emb, ok, failures = embed_image_sources(embedder, paths)
+    _warn_skipped(failures)
+    if not ok:
+        raise DataError(f"{folder}: none of the {len(paths)} images could be read")
+    classifier = zeroshot_classifier(embedder, classnames, prompts)
+    result = zeroshot_scores(image_emb, labels_all[ok], classifier, classnames)
+    result["templates"] = len(prompts)
+    result["skipped_images"] = len(failures)
+    return result
+
+
+def format_zeroshot(result: dict[str, Any]) -> str:
+    """A readable report of ``zeroshot_cli``'s result: the totals, then one row per class."""
+    width = max(len("class"), *(len(row["class"]) for row in result["per_class"]))
+    lines = [
+        f"zero-shot: {result['images']} images, {result['classes']} classes, "
+        f"{result['templates']} templates"
+        + (f", {result['skipped_images']} skipped" if result.get("skipped_images") else ""),
+        f"top-1 {result['top1']:.4f}   top-5 {result['top5']:.4f}",
+        "",
+        f"{'class':<{width}}  images  top-1  top-5  most confused with",
+    ]
+    for row in result["per_class"]:
+        lines.append(
+            f"{row['class']:<{width}}  {row['images']:>6}  {row['top1']:.3f}  {row['top5']:.3f}  "
+            f"{row['most_confused_with'] or '-'}"
+        )
+    return "\n".join(lines)
