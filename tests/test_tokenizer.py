@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import pickle
 import random
 import string
 
@@ -87,9 +88,15 @@ def corpus() -> list[str]:
     return make_corpus(12_000)
 
 
-def test_parity_with_open_clip_on_varied_corpus(clip: Tokenizer, corpus: list[str]):
+@pytest.fixture(scope="module")
+def expected(corpus: list[str]) -> torch.Tensor:
+    return open_clip.tokenize(corpus)
+
+
+def test_parity_with_open_clip_on_varied_corpus(
+    clip: Tokenizer, corpus: list[str], expected: torch.Tensor
+):
     assert len(set(corpus)) >= 10_000
-    expected = open_clip.tokenize(corpus)
     got = clip(corpus)
     assert got.dtype == torch.long and got.shape == (len(corpus), 77)
     bad = [corpus[i] for i in (got != expected).any(dim=1).nonzero().flatten().tolist()]
@@ -100,14 +107,16 @@ def test_parity_with_open_clip_on_varied_corpus(clip: Tokenizer, corpus: list[st
     assert (expected[:, -1] == clip.eot_id).sum() > 100  # truncated captions
 
 
-def test_tokenizer_json_alone_matches_open_clip(clip: Tokenizer, corpus: list[str]):
+def test_tokenizer_json_alone_matches_open_clip(
+    clip: Tokenizer, corpus: list[str], expected: torch.Tensor
+):
     # The saved pipeline (split, bytes, BPE, SOT/EOT, truncation, padding) run by HF itself, for
     # users of the tokenizer.json without coembed: only clean-up and special spellings are ours.
     cleaned = [clean_text(t) for t in corpus]
     keep = [i for i, t in enumerate(cleaned) if SOT not in t and EOT not in t]
     hf = tokenizer_module.HFTokenizer.from_str(clip._hf.to_str())
     ids = torch.tensor([e.ids for e in hf.encode_batch([cleaned[i] for i in keep])])
-    assert torch.equal(ids, open_clip.tokenize([corpus[i] for i in keep]))
+    assert torch.equal(ids, expected[keep])
 
 
 def test_parity_with_repeats_and_across_calls(clip: Tokenizer, corpus: list[str]):
@@ -199,6 +208,7 @@ def test_trained_tokenizer_vocab_size_and_round_trip(tmp_path):
     loaded = Tokenizer.load(tmp_path / "model")
     assert torch.equal(loaded(texts), ids)
     assert repr(loaded) == repr(tok)
+    assert torch.equal(pickle.loads(pickle.dumps(tok))(texts), ids)  # DataLoader workers
 
 
 def test_training_on_little_data_and_bad_sizes():

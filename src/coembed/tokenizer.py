@@ -52,7 +52,7 @@ CLIP_CONTEXT_LENGTH = 77
 # the merges file holds more lines than that, of which CLIP uses the first 48,894.
 CLIP_NUM_MERGES = 49408 - 512 - 2
 _BASE_SIZE = 512  # bytes, and bytes ending a word
-_CHUNK_CACHE_SIZE = 1 << 20  # distinct space-separated chunks remembered per tokenizer
+_CHUNK_CACHE_SIZE = 1 << 18  # distinct space-separated chunks remembered (tens of MB at most)
 
 # ftfy.fix_text leaves a string unchanged when every fixer leaves it unchanged. For ASCII text
 # only five can act: unescape_html (needs "&"), remove_terminal_escapes (needs ESC, a control
@@ -163,7 +163,7 @@ def _assemble(
     hf.pre_tokenizer = _pre_tokenizer(pattern)
     # SOT/EOT are plain vocabulary entries, not HF "added tokens": HF would cut added tokens out
     # of the raw text anywhere, while open_clip only recognizes them where its word regex starts
-    # a match (see Tokenizer._encode_words).
+    # a match (see Tokenizer._special_chunk_ids).
     hf.post_processor = processors.TemplateProcessing(
         single=f"{SOT} $A {EOT}", special_tokens=[(SOT, vocab[SOT]), (EOT, vocab[EOT])]
     )
@@ -357,10 +357,9 @@ class Tokenizer:
         """
         return _write_atomic(_json_path(path), self._hf.to_str().encode("utf-8"))
 
-    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+    def __call__(self, texts: str | Iterable[str]) -> torch.Tensor:
         """Return a LongTensor (N, context_length) of ids; a single string gives (1, context_length)."""
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else list(texts)
         # Captions repeat a lot (templates, epochs, several per image): clean and encode each once.
         index: dict[str, int] = {}
         for text in texts:
@@ -440,6 +439,14 @@ class Tokenizer:
             ids = ids[: ids.index(self.eot_id)]
         # Every word ends in "</w>", now a space; the last one's is not wanted.
         return self._hf.decode(ids, skip_special_tokens=False).rstrip(" ")
+
+    def __getstate__(self) -> str:
+        # DataLoader workers and torch.save pickle the tokenizer: send the JSON once, not both
+        # HF objects and the cache.
+        return self._hf.to_str()
+
+    def __setstate__(self, state: str) -> None:
+        self.__init__(HFTokenizer.from_str(state))
 
     def __repr__(self) -> str:
         return (
