@@ -1,0 +1,233 @@
+"""Retrieval recall@K (hand-written, brute force, open_clip) and zero-shot classification."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from coembed.errors import UsageError
+from coembed.evaluate import (
+    DEFAULT_TEMPLATES,
+    format_zeroshot,
+    read_templates,
+    retrieval_metrics,
+    zeroshot_classifier,
+    zeroshot_scores,
+)
+from conftest import SHIPPED
+
+KEYS = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict:
+    """Sort everything, then find the first correct item: the definition, written plainly."""
+    scores = image_emb @ text_emb.T
+    out = {}
+    i2t = []
+    for i in range(len(image_emb)):
+        own = set(np.flatnonzero(text_to_image == i))
+        if own:
+            order = np.argsort(-scores[i])
+            i2t.append(next(r for r, t in enumerate(order) if t in own))
+    t2i = [list(np.argsort(-scores[:, t])).index(text_to_image[t]) for t in range(len(text_emb))]
+    for k in ks:
+        out[f"image_to_text_R@{k}"] = np.mean(np.array(i2t) < k)
+    for k in ks:
+        out[f"text_to_image_R@{k}"] = np.mean(np.array(t2i) < k)
+    return out
+
+
+def test_hand_written_matrix_with_two_captions_for_one_image():
+    images = np.eye(3, dtype=np.float32)
+    texts = np.array(
+        [
+            [0.9, 0.1, 0.0],  # image 0: its best caption
+            [0.0, 0.0, 1.0],  # image 0 as well, but closest to image 2
+            [0.8, 0.6, 0.0],  # image 1, ranked behind image 0
+            [0.0, 0.1, 0.9],  # image 2, and image 2's only caption
+        ],
+        np.float32,
+    )
+    t2i = np.array([0, 0, 1, 2])
+    m = retrieval_metrics(images, texts, t2i, ks=(1, 2, 3))
+    # image->text: image 0 hits via caption 0; image 1's caption 2 wins its row; image 2's
+    # caption 3 (0.9) is beaten by caption 1 (1.0) -> rank 1.
+    assert m["image_to_text_R@1"] == pytest.approx(2 / 3)
+    assert m["image_to_text_R@2"] == 1.0
+    # text->image ranks: 0, 2 (ties at 0 with image 1 count against), 1, 0.
+    assert m["text_to_image_R@1"] == 0.5
+    assert m["text_to_image_R@2"] == 0.75
+    assert m["text_to_image_R@3"] == 1.0
+    assert (m["images"], m["captions"]) == (3, 4)
+
+
+def test_image_without_captions_is_not_counted():
+    images = np.eye(3, dtype=np.float32)
+    texts = np.eye(3, dtype=np.float32)[:2]
+    m = retrieval_metrics(images, texts, np.array([0, 1]))
+    assert m["images"] == 2 and m["image_to_text_R@1"] == 1.0 and m["text_to_image_R@1"] == 1.0
+
+
+def test_ties_count_against_the_model():
+    same = np.ones((4, 8), np.float32)
+    m = retrieval_metrics(same, same, np.arange(4), ks=(1, 4))
+    assert m["image_to_text_R@1"] == 0.0 and m["text_to_image_R@1"] == 0.0
+    assert m["image_to_text_R@4"] == 1.0 and m["text_to_image_R@4"] == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_brute_force_with_several_captions_per_image(seed):
+    rng = np.random.default_rng(seed)
+    n_img, dim = 60, 16
+    images = unit(rng.normal(size=(n_img, dim)))
+    t2i = np.concatenate([np.arange(n_img), rng.integers(0, n_img, 90)])  # 1 to ~5 captions each
+    texts = unit(images[t2i] + rng.normal(scale=1.2, size=(len(t2i), dim)))
+    got = retrieval_metrics(images, texts, t2i)
+    want = brute_force(images, texts, t2i)
+    assert [got[k] for k in KEYS] == pytest.approx([want[k] for k in KEYS])
+    assert 0 < got["text_to_image_R@1"] < 1  # the noise leaves something to get wrong
+
+
+def test_matches_open_clip_get_clip_metrics():
+    from open_clip_train.train import get_clip_metrics
+
+    rng = np.random.default_rng(0)
+    images = unit(rng.normal(size=(80, 24)))
+    texts = unit(images + rng.normal(scale=1.0, size=images.shape))
+    ours = retrieval_metrics(images, texts, np.arange(80))
+    theirs = get_clip_metrics(torch.from_numpy(images), torch.from_numpy(texts), 1.0)
+    assert [ours[k] for k in KEYS] == pytest.approx([float(theirs[k]) for k in KEYS])
+
+
+def test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        retrieval_metrics(np.zeros((3, 4)), np.zeros((2, 5)), np.array([0, 1]))
+    with pytest.raises(ValueError):
+        retrieval_metrics(np.zeros((3, 4)), np.zeros((2, 4)), np.array([0, 3]))
+
+
+# --- zero-shot -----------------------------------------------------------------------------------
+
+
+class HashEmbedder:
+    """Texts -> fixed random vectors (not unit), so the test sees the normalization happen."""
+
+    dim = 8
+
+    def embed_texts(self, texts):
+        return np.stack(
+            [np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) * 3 for t in texts]
+        ).astype(np.float32)
+
+
+def test_classifier_is_renormalized_mean_of_normalized_templates():
+    emb = HashEmbedder()
+    templates = ["a {}.", "a photo of a {}.", "{} here"]
+    got = zeroshot_classifier(emb, ["cat", "dog"], templates)
+    for row, name in zip(got, ["cat", "dog"]):
+        want = unit(unit(emb.embed_texts([t.format(name) for t in templates])).mean(0))
+        np.testing.assert_allclose(row, want, atol=1e-6)
+
+
+def test_zeroshot_scores_top1_top5_and_confusions():
+    classifier = np.eye(6, dtype=np.float32)
+    images = np.array(
+        [[1, 0.5, 0, 0, 0, 0], [0.2, 1, 0, 0, 0, 0], [0, 0.9, 0.1, 0, 0, 0]], np.float32
+    )
+    result = zeroshot_scores(images, np.array([0, 1, 2]), classifier, list("abcdef"))
+    assert result["top1"] == pytest.approx(2 / 3) and result["top5"] == 1.0
+    row_c = result["per_class"][2]
+    assert row_c["top1"] == 0.0 and row_c["most_confused_with"] == "b"
+    assert "most confused" in format_zeroshot({**result, "templates": 1})
+
+
+def test_templates_file(tmp_path):
+    assert read_templates(None) == list(DEFAULT_TEMPLATES)
+    good = tmp_path / "t.txt"
+    good.write_text("a {}\n\nan image of {}\n")
+    assert read_templates(good) == ["a {}", "an image of {}"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no placeholder\n")
+    with pytest.raises(UsageError, match="no {}"):
+        read_templates(bad)
+
+
+# --- the real command, in process ----------------------------------------------------------------
+
+
+def test_cli_eval_matches_library_and_skips_broken_images(tmp_path, tiny_model_dir, capsys):
+    import coembed
+    from coembed.cli import main
+
+    rows = list(csv.DictReader(open(SHIPPED / "val.csv")))[:12]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "caption"])
+        for r in rows:
+            w.writerow([str(SHIPPED / r["filepath"]), r["caption"]])
+        w.writerow([str(SHIPPED / rows[0]["filepath"]), "a second caption for the first image"])
+        w.writerow([str(tmp_path / "broken.png"), "this image cannot be decoded"])
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(tmp_path / "pairs.csv"),
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert set(KEYS) <= set(out)
+    assert (out["images"], out["captions"], out["skipped_images"]) == (12, 13, 1)
+
+    model = coembed.load(tiny_model_dir, device="cpu")
+    images = model.embed_images([str(SHIPPED / r["filepath"]) for r in rows])
+    texts = model.embed_texts(
+        [r["caption"] for r in rows] + ["a second caption for the first image"]
+    )
+    want = retrieval_metrics(images, texts, np.array([*range(12), 0]))
+    assert [out[k] for k in KEYS] == pytest.approx([want[k] for k in KEYS], abs=1e-6)
+
+
+def test_cli_zeroshot(tmp_path, tiny_model_dir, capsys):
+    import coembed
+    from coembed.cli import main
+
+    icons = SHIPPED.parent / "icons"
+    classes = ["blue star", "red circle", "yellow square"]
+    for name in classes:
+        (tmp_path / "set" / name.replace(" ", "_")).mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(icons / name / f"{i:03d}.png", tmp_path / "set" / name.replace(" ", "_"))
+    (tmp_path / "t.txt").write_text("a {}\na picture of a {}\n")
+    args = ["zeroshot", "--model", str(tiny_model_dir), "--data", str(tmp_path / "set")]
+    assert main([*args, "--templates", str(tmp_path / "t.txt"), "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["images"], out["classes"], out["templates"]) == (9, 3, 2)
+    assert [row["class"] for row in out["per_class"]] == classes  # '_' in folder names -> ' '
+    assert out["top5"] == 1.0  # three classes: the right one is always in the top 5
+
+    model = coembed.load(tiny_model_dir, device="cpu")
+    classifier = zeroshot_classifier(model, classes, ["a {}", "a picture of a {}"])
+    images = model.embed_images([tmp_path / "set" / c.replace(" ", "_") for c in classes])
+    want = zeroshot_scores(images, np.repeat(np.arange(3), 3), classifier, classes)
+    assert out["top1"] == pytest.approx(want["top1"])
+
+    assert main([*args, "--device", "cpu"]) == 0
+    assert "yellow square" in capsys.readouterr().out
