@@ -270,7 +270,7 @@ class Tokenizer:
         # on words, and rows are assembled in numpy (the HF Encoding objects are the slow part).
         self._words = HFTokenizer(hf.model)
         self._words.pre_tokenizer = hf.pre_tokenizer
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, tuple[int, ...]] = {}
         self.context_length: int = padding["length"]
         self.pad_id: int = padding["pad_id"]
         self.sot_id: int = sot
@@ -392,12 +392,13 @@ class Tokenizer:
             self._cache.clear()  # bound memory on endless streams of new words
         plain = [c for c in chunks if SOT not in c and EOT not in c]
         for chunk, encoding in zip(plain, self._words.encode_batch_fast(plain)):
-            self._cache[chunk] = encoding.ids
+            # Tuples of ints are untracked by the garbage collector, lists would be rescanned.
+            self._cache[chunk] = tuple(encoding.ids)
         for chunk in chunks:
             if chunk not in self._cache:
                 self._cache[chunk] = self._special_chunk_ids(chunk)
 
-    def _special_chunk_ids(self, chunk: str) -> list[int]:
+    def _special_chunk_ids(self, chunk: str) -> tuple[int, ...]:
         """Return the ids of a chunk that spells a special token, numbered as open_clip does.
 
         open_clip's word regex tries the special tokens first wherever a match starts, so
@@ -412,7 +413,7 @@ class Tokenizer:
                 ids.append(specials[word])
             else:
                 ids.extend(token.id for token in self._words.model.tokenize(word))
-        return ids
+        return tuple(ids)
 
     def _rows(self, seqs: list[list[int]]) -> np.ndarray:
         """Return int64 rows [SOT, seq[:L-2], EOT, pad...] (len(seqs), L); L = context_length."""
