@@ -1,0 +1,763 @@
+"""The training loop: one process on a CPU or GPU, or many through ``torchrun`` (DDP).
+
+The loop is a handful of functions around ``train_step``. Everything a resumed run needs is a
+pure function of the step number plus what a checkpoint stores: the data order of an epoch and
+the augmentation of a batch are seeded from (seed, epoch, batch), the optimizer state and RNG
+states are saved with the weights. A run killed at any moment and resumed therefore ends with
+the same weights as one that was never interrupted (on the CPU in deterministic mode).
+
+Run folder::
+
+    OUTPUT/config.json ...          the latest model directory (what ``coembed.load`` reads)
+    OUTPUT/run_config.json          the whole resolved config and the data arguments
+    OUTPUT/metrics.jsonl            one JSON object per logged step / validation
+    OUTPUT/tensorboard/             TensorBoard events
+    OUTPUT/checkpoints/step-NNNNNNN model + optimizer + RNG + step, renamed into place when complete
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+
+from coembed.checkpoint import (
+    WEIGHTS_FILE,
+    atomic_write_text,
+    load_model_dir,
+    load_state_strict,
+    save_model_dir,
+    save_weights,
+)
+from coembed.config import (
+    Config,
+    config_from_dict,
+    dump_json,
+    load_config,
+    parse_overrides,
+    validate,
+)
+from coembed.device import autocast_dtype, resolve_device
+from coembed.errors import CoembedError, DataError, UsageError
+from coembed.loss import make_loss
+from coembed.model import CoEmbed
+
+RUN_CONFIG = "run_config.json"
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingDiverged(CoembedError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE/...), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank), device
+
+
+# --- configuration from the command line ---------------------------------------------------------
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The recipe, then ``--set`` overrides, then the explicit flags (which win)."""
+    flags: list[str] = list(args.set or [])
+    for flag, key in (
+        ("steps", "train.steps"),
+        ("epochs", "train.epochs"),
+        ("batch_size", "train.batch_size"),
+        ("lr", "train.lr"),
+        ("image_key", "data.image_key"),
+        ("caption_key", "data.caption_key"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            flags.append(f"{key}={value}")
+    if getattr(args, "steps", None) is not None:
+        flags.append("train.epochs=0")
+    elif getattr(args, "epochs", None) is not None:
+        flags.append("train.steps=0")
+    if getattr(args, "lock_image", False):
+        flags.append("train.lock_image=true")
+    if getattr(args, "lock_text", False):
+        flags.append("train.lock_text=true")
+    if getattr(args, "device", None):
+        flags.append(f"train.device={args.device}")
+    return load_config(args.config, flags)
+
+
+# --- optimizer and schedule ----------------------------------------------------------------------
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Gains, biases, norms, embeddings' positions and the temperature are not weight-decayed."""
+    return (
+        param.ndim < 2 or "bn" in name or "ln" in name or "logit_" in name or "positional" in name
+    )
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise UsageError("nothing to train: both towers are locked")
+    groups = [
+        {
+            "params": [p for n, p in named if not no_decay(n, p)],
+            "weight_decay": cfg.train.weight_decay,
+        },
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+    ]
+    t = cfg.train
+    # Fused AdamW is one kernel per step on CUDA; on the CPU the foreach path is the fast one.
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **fast)
+
+
+def learning_rate(step: int, total: int, cfg: Config) -> float:
+    """Linear warmup to the peak, then cosine decay to zero at ``total``."""
+    warmup = min(cfg.train.warmup_steps, max(total - 1, 0))
+    if step < warmup:
+        return cfg.train.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * cfg.train.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and the JSON-able rest."""
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, slots in state["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    return rng
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def checkpoint_dirs(output: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (incomplete ones still have their .tmp- name)."""
+    root = output / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def save_checkpoint(run: TrainRun) -> Path:
+    """Write the training state into a temporary folder and rename it into place, then update the
+    model directory at the top of the run folder and drop checkpoints beyond ``keep_checkpoints``."""
+    root = run.output / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{run.step:07d}"
+    tmp = root / f".tmp-step-{run.step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model = run.raw_model
+    opt_tensors, opt_meta = optimizer_tensors(run.optimizer)
+    save_weights(tmp / WEIGHTS_FILE, model.state_dict(), {"step": str(run.step)})
+    save_weights(tmp / "optimizer.safetensors", opt_tensors, {})
+    save_weights(tmp / "rng.safetensors", rng_tensors(), {})
+    state = {"step": run.step, "optimizer": opt_meta, "skipped": run.data.skipped}
+    atomic_write_text(tmp / "state.json", json.dumps(state))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    save_model_dir(model, run.tokenizer, run.output)
+    for old in checkpoint_dirs(run.output)[: -run.cfg.train.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run: TrainRun, path: Path) -> None:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(str(path / WEIGHTS_FILE))
+        opt = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CoembedError(
+            f"{path}: unreadable checkpoint ({exc}); delete it to resume from an older one"
+        ) from None
+    load_state_strict(run.raw_model, weights, str(path / WEIGHTS_FILE))
+    restore_optimizer(run.optimizer, opt, state["optimizer"])
+    restore_rng(rng)
+    run.step = int(state["step"])
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def read_pairs(path: str, cfg: Config, split: str | None):
+    from coembed.data.formats import read_records
+
+    return read_records(
+        path, image_key=cfg.data.image_key, caption_key=cfg.data.caption_key, split=split
+    )
+
+
+def build_tokenizer(cfg: Config, records, output: Path, dist_: Dist):
+    """CLIP's BPE, or one trained on the training captions (rank 0 trains, the others read it)."""
+    from coembed.tokenizer import Tokenizer
+
+    t = cfg.model.text
+    if cfg.model.tokenizer == "clip":
+        return Tokenizer.clip(context_length=t.context_length)
+    path = output / "tokenizer.json"
+    if dist_.main:
+        captions = (c for r in records for c in r.captions)
+        Tokenizer.train(captions, vocab_size=t.vocab_size, context_length=t.context_length).save(
+            path
+        )
+    if dist_.world > 1:
+        dist.barrier()
+    return Tokenizer.load(path)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainRun:
+    cfg: Config
+    output: Path
+    device: torch.device
+    dist: Dist
+    model: nn.Module  # possibly DDP- or compile-wrapped
+    raw_model: CoEmbed
+    tokenizer: object
+    optimizer: torch.optim.AdamW
+    data: object
+    total_steps: int
+    loss_fn: nn.Module
+    val: object = None
+    step: int = 0
+    scaler: object = None
+    read_report: object = None
+
+    @property
+    def per_rank_batch(self) -> int:
+        return self.cfg.train.batch_size // self.dist.world
+
+
+def forward_loss(run: TrainRun, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    amp = autocast_dtype(run.cfg.train.precision, run.device)
+    ctx = torch.autocast(run.device.type, dtype=amp) if amp else contextlib.nullcontext()
+    with ctx:
+        out = run.model(images, tokens)
+    out = {k: v.float() for k, v in out.items()}
+    return run.loss_fn(**out)
+
+
+def accumulated_backward(run: TrainRun, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Gradient accumulation that keeps the whole batch as contrastive negatives.
+
+    First embed every micro-batch without gradients; then, one micro-batch at a time, recompute
+    its features with gradients, splice them into the cached features and back-propagate the
+    full-batch loss. Memory grows with the micro-batch, the negatives with the whole batch.
+    """
+    n = run.cfg.train.accum_steps
+    image_chunks, token_chunks = images.chunk(n), tokens.chunk(n)
+    amp = autocast_dtype(run.cfg.train.precision, run.device)
+
+    def autocast():
+        return torch.autocast(run.device.type, dtype=amp) if amp else contextlib.nullcontext()
+
+    with torch.no_grad(), autocast():
+        cached = [run.model(i, t) for i, t in zip(image_chunks, token_chunks)]
+    cached_images = [c["image_features"].float() for c in cached]
+    cached_texts = [c["text_features"].float() for c in cached]
+    total = torch.zeros((), device=run.device)
+    for j in range(n):
+        sync = j == n - 1 or not isinstance(run.model, nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else run.model.no_sync(), autocast():
+            out = run.model(image_chunks[j], token_chunks[j])
+            features_i = (
+                cached_images[:j] + [out["image_features"].float()] + cached_images[j + 1 :]
+            )
+            features_t = cached_texts[:j] + [out["text_features"].float()] + cached_texts[j + 1 :]
+            extra = {"logit_bias": out["logit_bias"]} if "logit_bias" in out else {}
+            loss = run.loss_fn(
+                torch.cat(features_i), torch.cat(features_t), out["logit_scale"], **extra
+            )
+            backward(run, loss / n)
+        total += loss.detach() / n
+    return total
+
+
+def backward(run: TrainRun, loss: torch.Tensor) -> None:
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+def train_step(run: TrainRun, images: torch.Tensor, captions: list[str]) -> float:
+    """One optimizer step on one global batch; returns the loss (before the step)."""
+    images = images.to(run.device, non_blocking=True)
+    tokens = run.tokenizer(captions).to(run.device, non_blocking=True)
+    lr = learning_rate(run.step, run.total_steps, run.cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.cfg.train.accum_steps > 1:
+        loss = accumulated_backward(run, images, tokens)
+    else:
+        loss = forward_loss(run, images, tokens)
+        backward(run, loss)
+    value = float(loss)
+    if not math.isfinite(value):
+        kept = checkpoint_dirs(run.output)
+        where = (
+            f"the last good checkpoint is {kept[-1]}"
+            if kept
+            else "no checkpoint had been written yet"
+        )
+        raise TrainingDiverged(
+            f"loss became {value} at step {run.step}; stopped without saving ({where}). "
+            "Try a lower --lr, more warmup (--set train.warmup_steps=...) or fp32 precision"
+        )
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    if run.cfg.train.grad_clip > 0:
+        params = [p for p in run.raw_model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, run.cfg.train.grad_clip)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.raw_model.clamp_logit_scale()
+    run.step += 1
+    return value
+
+
+# --- validation and logging ----------------------------------------------------------------------
+
+
+@dataclass
+class Validation:
+    pixels: torch.Tensor  # (N_img, 3, S, S) preprocessed once
+    captions: list[str]
+    text_to_image: np.ndarray  # (N_txt,)
+
+
+def prepare_validation(path: str, cfg: Config, split: str | None) -> Validation:
+    from coembed.data.loader import iter_image_batches
+
+    records, _ = read_pairs(path, cfg, split)
+    batches, kept = [], []
+    for pixels, ok, _failures in iter_image_batches(
+        [r.image for r in records], cfg.model.image.image_size, 256
+    ):
+        batches.append(pixels)
+        kept.extend(ok)
+    if not kept:
+        raise DataError(f"{path}: no validation image could be read")
+    captions, targets = [], []
+    for image_idx, record_idx in enumerate(kept):
+        for caption in records[record_idx].captions:
+            captions.append(caption)
+            targets.append(image_idx)
+    return Validation(torch.cat(batches), captions, np.asarray(targets))
+
+
+@torch.no_grad()
+def validate_run(run: TrainRun) -> dict[str, float]:
+    from coembed.evaluate import retrieval_metrics
+
+    model = run.raw_model
+    model.eval()
+    images, texts = [], []
+    for start in range(0, len(run.val.pixels), 256):
+        batch = (
+            run.val.pixels[start : start + 256]
+            .to(run.device)
+            .contiguous(memory_format=torch.channels_last)
+        )
+        images.append(model.encode_image(batch).float().cpu())
+    for start in range(0, len(run.val.captions), 512):
+        tokens = run.tokenizer(run.val.captions[start : start + 512]).to(run.device)
+        texts.append(model.encode_text(tokens).float().cpu())
+    model.train()
+    return retrieval_metrics(
+        torch.cat(images).numpy(), torch.cat(texts).numpy(), run.val.text_to_image
+    )
+
+
+class Logger:
+    """JSONL metrics and TensorBoard events, written by rank 0 only."""
+
+    def __init__(self, output: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = output / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key.replace("@", "_at_"), value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+def init_weights(model: CoEmbed, init: str, device: torch.device) -> None:
+    """Start from a coembed model directory or an open_clip / OpenAI checkpoint file."""
+    if Path(init).is_dir():
+        source, _, _ = load_model_dir(init, "cpu")
+        load_state_strict(model, source.state_dict(), init)
+    elif Path(init).is_file():
+        from coembed.interop.openclip import read_openclip_state
+
+        load_state_strict(model, read_openclip_state(init, model.cfg), init)
+    else:
+        raise UsageError(f"--init {init}: no such model directory or checkpoint file")
+
+
+def apply_locks(model: CoEmbed, cfg: Config) -> None:
+    if cfg.train.lock_image:
+        model.lock_image(cfg.train.lock_image_unlocked_groups)
+    if cfg.train.lock_text:
+        model.lock_text(cfg.train.lock_text_unlocked_layers)
+
+
+def prepare_output(output: Path, resume: bool, dist_: Dist) -> None:
+    has_run = (output / RUN_CONFIG).exists()
+    if has_run and not resume:
+        raise UsageError(
+            f"{output} already holds a training run: add --resume to continue it, or pick another --output"
+        )
+    if dist_.main:
+        output.mkdir(parents=True, exist_ok=True)
+
+
+def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
+    if cfg.train.steps > 0:
+        return cfg.train.steps
+    if cfg.train.epochs > 0:
+        return cfg.train.epochs * batches_per_epoch
+    raise UsageError(
+        "say how long to train: --steps N or --epochs N (or train.steps/epochs in the config)"
+    )
+
+
+def set_threads(cfg: Config) -> None:
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def load_pair_data(records, cfg: Config, output: Path, dist_: Dist):
+    """Decode the training images (into the cache when it fits); rank 0 first, so ranks share one cache."""
+    from coembed.data.loader import PairData
+
+    def build():
+        return PairData.from_records(
+            records,
+            cfg.model.image.image_size,
+            cache_dir=cfg.data.cache_dir or str(output / "cache"),
+            max_cache_bytes=int(cfg.data.max_cache_gb * (1 << 30)),
+            num_workers=cfg.data.workers,
+        )
+
+    if dist_.world == 1:
+        return build()
+    if not dist_.main:
+        dist.barrier()
+    data = build()
+    if dist_.main:
+        dist.barrier()
+    return data
+
+
+def build_run(args: argparse.Namespace) -> TrainRun:
+    output = Path(args.output)
+    resume = bool(args.resume) and (output / RUN_CONFIG).exists()
+    if resume:
+        saved = json.loads((output / RUN_CONFIG).read_text())
+        cfg = config_from_dict(saved["config"])
+        extra = parse_overrides(args.set or [])
+        if extra:
+            raise UsageError("--resume continues the saved config; --set is not allowed with it")
+        args.train_data, args.val_data = saved["train_data"], saved.get("val_data")
+        args.split = saved.get("split")
+    else:
+        cfg = config_from_args(args)
+    dist_, device = setup_distributed(cfg.train.device)
+    prepare_output(output, resume or bool(args.resume), dist_)
+    if cfg.train.batch_size % dist_.world:
+        raise UsageError(
+            f"--batch-size {cfg.train.batch_size} is not divisible by {dist_.world} processes"
+        )
+    set_threads(cfg)
+    torch.manual_seed(cfg.train.seed)
+
+    records, report = read_pairs(args.train_data, cfg, getattr(args, "split", None))
+    init_dir = args.init if args.init and Path(args.init).is_dir() and not resume else None
+    if init_dir:
+        # Fine-tuning a coembed model keeps its architecture and tokenizer.
+        source, tokenizer, _ = load_model_dir(init_dir, "cpu")
+        cfg.model = source.cfg
+        del source
+    elif resume:
+        from coembed.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(output / "tokenizer.json")
+    else:
+        tokenizer = build_tokenizer(cfg, records, output, dist_)
+        if cfg.model.tokenizer == "trained":
+            cfg.model.text.vocab_size = tokenizer.vocab_size
+        cfg.model.text.eot_id = tokenizer.eot_id
+    validate(cfg)
+    if dist_.main and not resume:
+        run_config = {
+            "config": json.loads(dump_json(cfg)),
+            "train_data": str(args.train_data),
+            "val_data": args.val_data and str(args.val_data),
+            "split": getattr(args, "split", None),
+            "init": args.init,
+        }
+        atomic_write_text(output / RUN_CONFIG, json.dumps(run_config, indent=2))
+
+    model = CoEmbed(cfg.model)
+    if args.init and not resume:
+        init_weights(model, args.init, device)
+    apply_locks(model, cfg)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model
+    optimizer = make_optimizer(model, cfg, device)
+    if dist_.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=25)
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    data = load_pair_data(records, cfg, output, dist_)
+    if len(data) == 0:
+        raise DataError(
+            f"{args.train_data}: no usable image-caption pairs (skipped: {data.skipped})"
+        )
+    batches = data.num_batches(cfg.train.batch_size // dist_.world, dist_.world)
+    if batches == 0:
+        raise DataError(
+            f"{args.train_data}: {len(data)} usable pairs is fewer than one batch of {cfg.train.batch_size}; "
+            "lower --batch-size"
+        )
+    run = TrainRun(
+        cfg=cfg,
+        output=output,
+        device=device,
+        dist=dist_,
+        model=model,
+        raw_model=raw_model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        data=data,
+        total_steps=total_steps_for(cfg, batches),
+        loss_fn=make_loss(cfg.train.loss),
+    )
+    run.read_report = report
+    if autocast_dtype(cfg.train.precision, device) == torch.float16:
+        run.scaler = torch.amp.GradScaler("cuda")
+    if args.val_data:
+        run.val = prepare_validation(args.val_data, cfg, getattr(args, "split", None))
+    if resume:
+        kept = checkpoint_dirs(output)
+        if kept:
+            load_checkpoint(run, kept[-1])
+    return run
+
+
+def run_loop(run: TrainRun, logger: Logger) -> dict:
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    per_rank = run.per_rank_batch
+    batches = run.data.num_batches(per_rank, run.dist.world)
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.step,
+        disable=not run.dist.main or os.environ.get("COEMBED_NO_PROGRESS") == "1",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    run.raw_model.train()
+    last_metrics: dict = {}
+    window_start, window_samples = time.perf_counter(), 0
+    while run.step < run.total_steps:
+        epoch, start_batch = divmod(run.step, batches)
+        stream = run.data.epoch_batches(
+            epoch,
+            cfg.train.seed,
+            per_rank,
+            start_batch=start_batch,
+            rank=run.dist.rank,
+            world_size=run.dist.world,
+            augment=cfg.data.augment,
+        )
+        for images, captions in stream:
+            loss = train_step(run, images, captions)
+            window_samples += len(captions) * run.dist.world
+            lr = run.optimizer.param_groups[0]["lr"]
+            if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
+                elapsed = time.perf_counter() - window_start
+                rate = window_samples / max(elapsed, 1e-9)
+                scale = float(run.raw_model.logit_scale.exp())
+                logger.log(
+                    run.step, epoch=epoch, loss=loss, lr=lr, samples_per_s=rate, logit_scale=scale
+                )
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
+                window_start, window_samples = time.perf_counter(), 0
+            bar.update(1)
+            end_of_epoch = run.step % batches == 0
+            if run.dist.main and (
+                run.step % cfg.train.checkpoint_every == 0 or run.step == run.total_steps
+            ):
+                save_checkpoint(run)
+            if (
+                run.val is not None
+                and run.dist.main
+                and (end_of_epoch or run.step == run.total_steps)
+            ):
+                last_metrics = validate_run(run)
+                logger.log(
+                    run.step, epoch=epoch, **{f"val/{k}": v for k, v in last_metrics.items()}
+                )
+                bar.write(
+                    f"step {run.step} val: i2t R@1 {last_metrics['image_to_text_R@1']:.3f}  "
+                    f"t2i R@1 {last_metrics['text_to_image_R@1']:.3f}"
+                )
+            if run.step >= run.total_steps or end_of_epoch:
+                break
+        if run.dist.world > 1:
+            dist.barrier()
+    bar.close()
+    return last_metrics
+
+
+def train_from_args(args: argparse.Namespace) -> dict:
+    """``coembed train``: build the run, loop, report. Returns the last validation metrics."""
+    started = time.perf_counter()
+    run = build_run(args)
+    logger = Logger(run.output, run.dist.main)
+    try:
+        if run.dist.main:
+            print(
+                f"training {sum(p.numel() for p in run.raw_model.parameters()) / 1e6:.1f}M parameters on "
+                f"{len(run.data)} pairs, {run.total_steps} steps of {run.cfg.train.batch_size} "
+                f"({run.dist.world} process{'es' if run.dist.world > 1 else ''}, {run.device})",
+                flush=True,
+            )
+        metrics = run_loop(run, logger)
+    finally:
+        logger.close()
+    if run.dist.main:
+        report_end(run, metrics, time.perf_counter() - started)
+    if run.dist.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def report_end(run: TrainRun, metrics: dict, seconds: float) -> None:
+    skipped = {k: v for k, v in run.data.skipped.items() if v}
+    report = run.read_report
+    notes = []
+    if getattr(report, "empty_captions", 0):
+        notes.append(f"{report.empty_captions} empty captions skipped")
+    if getattr(report, "long_captions_truncated", 0):
+        notes.append(f"{report.long_captions_truncated} long captions truncated")
+    if skipped:
+        notes.append("images skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
+    summary = {"steps": run.step, "seconds": round(seconds, 1), "skipped_images": skipped}
+    summary.update({k: v for k, v in metrics.items()})
+    atomic_write_text(run.output / "summary.json", json.dumps(summary, indent=2))
+    print(f"done: {run.step} steps in {seconds:.0f} s; model in {run.output}")
+    if notes:
+        print("data: " + "; ".join(notes))
+    if metrics:
+        print(
+            "val recall@1/5/10  image->text "
+            + " / ".join(f"{metrics[f'image_to_text_R@{k}']:.3f}" for k in (1, 5, 10))
+            + "   text->image "
+            + " / ".join(f"{metrics[f'text_to_image_R@{k}']:.3f}" for k in (1, 5, 10))
+        )

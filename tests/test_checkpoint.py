@@ -1,0 +1,108 @@
+"""The model directory: bitwise round trip, atomic writes, one clear error per damaged file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import coembed
+from coembed.checkpoint import load_model_dir, save_model_dir
+from coembed.errors import ModelDirError
+from tests.conftest import assert_one_line_error, run_cli, tiny_clip_model
+
+
+def test_round_trip_is_bitwise(tiny_model_dir):
+    model = tiny_clip_model()
+    loaded, tokenizer, preprocess = load_model_dir(tiny_model_dir)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert preprocess["image_size"] == 32
+    assert tokenizer.context_length == 16
+    assert not loaded.training
+
+
+def test_files_and_no_temporaries(tiny_model_dir):
+    names = sorted(p.name for p in tiny_model_dir.iterdir())
+    assert names == ["config.json", "model.safetensors", "preprocess.json", "tokenizer.json"]
+    assert json.loads((tiny_model_dir / "config.json").read_text())["format_version"] == 1
+
+
+def test_embedder_gives_unit_float32_rows(tiny_model_dir, tmp_path):
+    embedder = coembed.load(tiny_model_dir, device="cpu")
+    texts = embedder.embed_texts(["a red circle", "two blue squares", ""])
+    assert texts.dtype == np.float32 and texts.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (40, 30), colour).save(folder / f"{i}.png")
+    from_folder = embedder.embed_images(folder)
+    from_paths = embedder.embed_images(sorted(folder.iterdir()))
+    from_pil = embedder.embed_images([Image.open(p) for p in sorted(folder.iterdir())])
+    assert from_folder.shape == (3, 32) and from_folder.dtype == np.float32
+    np.testing.assert_allclose(from_folder, from_paths, atol=1e-6)
+    np.testing.assert_allclose(from_folder, from_pil, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(from_folder, axis=1), 1.0, atol=1e-5)
+
+
+def test_missing_dir_and_files(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelDirError, match="does not exist"):
+        load_model_dir(tmp_path / "nothing")
+    (tiny_model_dir / "model.safetensors").unlink()
+    with pytest.raises(ModelDirError, match="model.safetensors: missing"):
+        load_model_dir(tiny_model_dir)
+
+
+def test_truncated_weights(tiny_model_dir):
+    path = tiny_model_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelDirError, match="truncated or corrupt"):
+        load_model_dir(tiny_model_dir)
+
+
+def test_truncated_config(tiny_model_dir):
+    path = tiny_model_dir / "config.json"
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(ModelDirError, match="config.json: not valid JSON"):
+        load_model_dir(tiny_model_dir)
+
+
+def test_weights_of_another_model(tiny_model_dir, tmp_path, clip_tokenizer):
+    other = save_model_dir(
+        tiny_clip_model("model.text.layers=3"), clip_tokenizer, tmp_path / "other"
+    )
+    (tiny_model_dir / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ModelDirError, match="another config.json"):
+        load_model_dir(tiny_model_dir)
+
+
+def test_mismatched_shapes_name_the_tensor(tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_model_dir / "model.safetensors"
+    state = load_file(str(path))
+    state["text.proj.weight"] = torch.zeros(5, 5)
+    save_file(state, str(path))
+    with pytest.raises(ModelDirError, match="text.proj.weight has shape"):
+        load_model_dir(tiny_model_dir)
+
+
+def test_future_format_version(tiny_model_dir):
+    path = tiny_model_dir / "config.json"
+    values = json.loads(path.read_text())
+    values["format_version"] = 99
+    path.write_text(json.dumps(values))
+    with pytest.raises(ModelDirError, match="format version 99"):
+        load_model_dir(tiny_model_dir)
+
+
+def test_cli_reports_a_bad_model_dir_in_one_line(tmp_path):
+    (tmp_path / "data.csv").write_text("filepath,caption\nx.png,a cat\n")
+    proc = run_cli(
+        "eval", "--model", str(tmp_path / "missing"), "--data", str(tmp_path / "data.csv")
+    )
+    assert_one_line_error(proc, code=1, contains="missing")

@@ -1,0 +1,64 @@
+"""Config recipes, overrides and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from coembed.config import load_config, parse_overrides
+from coembed.errors import ConfigError
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(
+        "tiny",
+        [
+            "train.lr=3e-4",
+            "model.text.layers=2",
+            "data.augment=false",
+            "model.image.layers=[2,2,2,2]",
+        ],
+    )
+    assert cfg.train.lr == 3e-4 and cfg.model.text.layers == 2
+    assert cfg.data.augment is False and cfg.model.image.layers == [2, 2, 2, 2]
+
+
+def test_nested_override_dict():
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("model.text.pool=first", "model.text.pool: 'first' is not one of eot, cls, mean, max"),
+        ("model.text.layers=two", "model.text.layers: expected an integer"),
+        ("model.text.layers=1.5", "model.text.layers: expected an integer"),
+        ("train.lr=nan", "train.lr: expected a finite number"),
+        ("train.batch_size=0", "train.batch_size: must be positive"),
+        ("model.text.heads=3", "divisible by model.text.heads"),
+        ("model.image.image_size=100", "multiple of 32"),
+        ("model.text.pool=cls", "needs model.text.attention=bidirectional"),
+        ("data.augment=maybe", "data.augment: expected true or false"),
+        ("nonsense", "--set expects key=value"),
+        ("train=3", "train: expected a mapping"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert message in str(err.value)
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("nope")
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(path))
+    path.write_text("model:\n  text:\n    widthh: 3\n")
+    with pytest.raises(ConfigError, match="model.text.widthh"):
+        load_config(str(path))
