@@ -126,6 +126,13 @@ def test_parity_with_repeats_and_across_calls(clip: Tokenizer, corpus: list[str]
     assert torch.equal(clip(batch[:7]), open_clip.tokenize(batch[:7]))  # cached chunks reused
 
 
+def test_bounded_chunk_cache_stays_exact(corpus: list[str], expected: torch.Tensor, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "_CHUNK_CACHE_SIZE", 50)
+    tok = Tokenizer.clip()
+    assert torch.equal(tok(corpus[:2000]), expected[:2000])
+    assert len(tok._cache) <= 50 + 400  # cleared whenever full; one caption may overshoot
+
+
 def test_ftfy_fast_path_is_exact(corpus: list[str]):
     skipped = [t for t in corpus if skips_ftfy(t)]
     assert len(skipped) > 3000

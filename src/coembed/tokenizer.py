@@ -378,27 +378,33 @@ class Tokenizer:
         No word of CLIP's pattern contains or crosses a space, so a caption's ids are its
         chunks' ids one after the other. Chunks ("dog", "beach,", "#12") repeat across captions far
         more than captions do, so each distinct chunk is encoded once and remembered, like
-        open_clip's per-word BPE cache. HF encodes the new ones of a call in one batch.
+        open_clip's per-word BPE cache.
         """
         cache = self._cache
-        missing = [c for c in chunks if c not in cache]
-        if missing:
-            self._fill_cache(missing)
-        return [i for c in chunks for i in cache[c]]
+        try:
+            return [i for c in chunks for i in cache[c]]
+        except KeyError:
+            self._fill_cache(chunks)
+            return [i for c in chunks for i in cache[c]]
 
     def _fill_cache(self, chunks: list[str]) -> None:
-        chunks = list(dict.fromkeys(chunks))
+        """Encode and remember every chunk of one caption that is not cached."""
         if len(self._cache) + len(chunks) > _CHUNK_CACHE_SIZE:
             self._cache.clear()  # bound memory on endless streams of new words
-        plain = [c for c in chunks if SOT not in c and EOT not in c]
-        for chunk, encoding in zip(plain, self._words.encode_batch_fast(plain)):
-            # Tuples of ints are untracked by the garbage collector, lists would be rescanned.
-            self._cache[chunk] = tuple(encoding.ids)
         for chunk in chunks:
-            if chunk not in self._cache:
-                self._cache[chunk] = self._special_chunk_ids(chunk)
+            if chunk in self._cache:
+                continue
+            if SOT in chunk or EOT in chunk:
+                ids = self._special_chunk_ids(chunk)
+            else:
+                # One encode per new chunk rather than encode_batch: no rayon thread pool, so
+                # DataLoader workers forked later get no "process just got forked" warning,
+                # and for single words it is as fast.
+                ids = self._words.encode(chunk, add_special_tokens=False).ids
+            # Tuples of ints are untracked by the garbage collector, lists would be rescanned.
+            self._cache[chunk] = tuple(ids)
 
-    def _special_chunk_ids(self, chunk: str) -> tuple[int, ...]:
+    def _special_chunk_ids(self, chunk: str) -> list[int]:
         """Return the ids of a chunk that spells a special token, numbered as open_clip does.
 
         open_clip's word regex tries the special tokens first wherever a match starts, so
@@ -413,7 +419,7 @@ class Tokenizer:
                 ids.append(specials[word])
             else:
                 ids.extend(token.id for token in self._words.model.tokenize(word))
-        return tuple(ids)
+        return ids
 
     def _rows(self, seqs: list[list[int]]) -> np.ndarray:
         """Return int64 rows [SOT, seq[:L-2], EOT, pad...] (len(seqs), L); L = context_length."""
