@@ -159,6 +159,14 @@ def parse_query(text: str) -> Query:
         raise UsageError("empty query: give some text, a quoted compositional query, or --image")
     if '"' not in text and "image:" not in text:
         return Query((Term(1.0, "text", text.strip()),))
+    quotes = text.count('"') - text.count('\\"')
+    if quotes % 2:
+        # Checked up front: otherwise a missing quote shows up later as a confusing bare word.
+        raise _error(
+            text,
+            text.rindex('"') + 1,
+            f"unbalanced quotes: an odd number ({quotes}) of double quotes; each text term needs two",
+        )
     tokens = _tokens(text)
     terms: list[Term] = []
     pos, sign = 0, 1.0
