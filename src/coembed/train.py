@@ -364,7 +364,7 @@ def train_step(run: TrainRun, images: torch.Tensor, captions: list[str]) -> floa
     else:
         loss = forward_loss(run, images, tokens)
         backward(run, loss)
-    value = float(loss)
+    value = float(loss.detach())
     if not math.isfinite(value):
         kept = checkpoint_dirs(run.output)
         where = (
