@@ -65,6 +65,29 @@ _ADD_CHUNK = 65_536  # vectors per FAISS add call: big enough for its threads, s
 _GENERATION = re.compile(r"^(index|items)-(\d{6,})\.(faiss|json)$")
 
 
+def import_faiss():
+    """Import FAISS with its OpenMP threads sleeping, not spinning, while they wait for work.
+
+    By default libgomp's idle threads busy-wait. On a machine with more runnable threads than
+    cores (two shared cores, a server next to a model) the spinning threads steal the CPU from
+    the ones doing work: measured here, an HNSW build ran 3x slower and single-query p99 went
+    from 0.4 ms to 4 ms. FAISS bundles its own libgomp, which reads OMP_WAIT_POLICY once, when
+    it is loaded; the variable is set only for that moment so torch's OpenMP keeps its default,
+    and a value the user set is left alone.
+    """
+    if "faiss" in sys.modules:
+        return sys.modules["faiss"]
+    unset = "OMP_WAIT_POLICY" not in os.environ
+    if unset:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        import faiss
+    finally:
+        if unset:
+            del os.environ["OMP_WAIT_POLICY"]
+    return faiss
+
+
 def choose_kind(n: int) -> str:
     """The index kind ``auto`` uses for ``n`` vectors (see the module docstring)."""
     if n < FLAT_MAX:
@@ -188,7 +211,7 @@ def _pq_subquantizers(dim: int) -> int:
 
 def _new_faiss(kind: str, vectors: np.ndarray) -> tuple[Any, dict[str, Any]]:
     """An empty (trained, for IVF-PQ) FAISS index of ``kind`` for vectors like ``vectors``."""
-    import faiss
+    faiss = import_faiss()
 
     n, dim = vectors.shape
     if kind == "flat":
@@ -518,7 +541,7 @@ class Index:
     def load(cls, directory: str | os.PathLike, embedder=None, device: str = "auto") -> Index:
         """Load an index directory. With ``embedder``, check that it is the model that built the
         index (IndexError_ if not); without, the index's own model copy is loaded on first use."""
-        import faiss
+        faiss = import_faiss()
 
         root = Path(directory)
         manifest = read_manifest(root)
@@ -570,7 +593,7 @@ class Index:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the index into ``directory`` atomically (see the module docstring); returns it."""
-        import faiss
+        faiss = import_faiss()
 
         from coembed.checkpoint import atomic_write, atomic_write_text
 
