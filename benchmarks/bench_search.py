@@ -170,7 +170,7 @@ def main() -> None:
     print(
         f"| {'single query, k=' + str(args.k):<24} | {'raw FAISS':>10} | {'coembed Index':>13} | {'ratio':>6} |"
     )
-    print(f"|{'-' * 26}|{'-' * 12}:|{'-' * 15}:|{'-' * 7}:|")
+    print(f"|{'-' * 26}|{'-' * 11}:|{'-' * 14}:|{'-' * 7}:|")
     for name, theirs, ours in rows:
         print(f"| {name:<24} | {theirs:>10.3f} | {ours:>13.3f} | {ours / theirs:>5.2f}x |")
     print()
