@@ -1,0 +1,109 @@
+"""``coembed train --profile``: how close a training step comes to the hardware's matmul rate.
+
+Model FLOP utilization (MFU) here is the FLOPs of one training step (forward + backward, counted
+by torch's FlopCounterMode on the real batch) divided by the step's wall time, as a fraction of
+the fp32 (or autocast dtype) matrix-multiply rate measured on the same device in the same run.
+Measuring the peak rather than quoting a datasheet keeps the figure honest on shared machines,
+throttled laptops and partitioned GPUs alike.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from coembed.checkpoint import atomic_write_text
+
+
+def measured_matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048
+) -> float:
+    """FLOP/s of an n x n matmul on ``device`` (best of a few repeats)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / 3)
+    return 2 * n**3 / best
+
+
+def step_flops(run, images: torch.Tensor, captions: list[str]) -> int:
+    """FLOPs of one forward + backward of the model and loss on this batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from coembed.train import forward_loss
+
+    tokens = run.tokenizer(captions).to(run.device)
+    images = images.to(run.device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        forward_loss(run, images, tokens).backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def profile_run(run, steps: int = 10) -> dict:
+    """Time ``steps`` real training steps after two warm-up steps; write profile.json and a
+    torch.profiler table (profile.txt) into the run folder; return the figures."""
+    from coembed.device import autocast_dtype
+    from coembed.train import train_step
+
+    per_rank = run.per_rank_batch
+    batches = iter(
+        run.data.epoch_batches(
+            0, run.cfg.train.seed, per_rank, rank=run.dist.rank, world_size=run.dist.world
+        )
+    )
+    first_images, first_captions = next(batches)
+    flops = step_flops(run, first_images, first_captions)
+    for _ in range(2):
+        train_step(run, *next(batches))
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    sync()
+    start, done = time.perf_counter(), 0
+    for _ in range(steps):
+        try:
+            images, captions = next(batches)
+        except StopIteration:
+            break
+        train_step(run, images, captions)
+        done += 1
+    sync()
+    seconds = (time.perf_counter() - start) / max(done, 1)
+    dtype = autocast_dtype(run.cfg.train.precision, run.device) or torch.float32
+    peak = measured_matmul_flops(run.device, dtype)
+    with torch.profiler.profile() as prof:
+        train_step(run, *next(batches))
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    result = {
+        "device": str(run.device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch_per_process": per_rank,
+        "step_seconds": seconds,
+        "samples_per_second": per_rank / seconds,
+        "step_gflop": flops / 1e9,
+        "achieved_gflops": flops / seconds / 1e9,
+        "matmul_peak_gflops": peak / 1e9,
+        "mfu": flops / seconds / peak,
+    }
+    atomic_write_text(run.output / "profile.json", json.dumps(result, indent=2))
+    atomic_write_text(run.output / "profile.txt", table)
+    return result
+
+
+def format_profile(result: dict) -> str:
+    return (
+        f"{result['samples_per_second']:.1f} samples/s per process on {result['device']} "
+        f"({result['step_seconds'] * 1000:.0f} ms/step, {result['step_gflop']:.1f} GFLOP/step): "
+        f"{result['achieved_gflops']:.1f} GFLOP/s of a measured {result['matmul_peak_gflops']:.1f} GFLOP/s "
+        f"{result['dtype']} matmul rate = MFU {result['mfu']:.0%}"
+    )
