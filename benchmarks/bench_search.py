@@ -9,9 +9,12 @@ What is measured, on N clustered unit vectors (default 1,000,000 x 256):
 - recall@10 of coembed's results against exact search (FAISS IndexFlatIP over all vectors);
 - memory: resident set size before and after building.
 
-The vectors are clustered the way embeddings are: 1,000 centres, each cluster spread along 16
-random directions plus a little isotropic noise (pure isotropic noise in 256-d would make every
-neighbour equally far and "recall" meaningless). Queries are held-out draws from the same clusters.
+The vectors are clustered the way embeddings are: 1,000 centres, each cluster spread along
+``--rank`` (default 8) random directions plus a little isotropic noise (pure isotropic noise in
+256-d would make every neighbour equally far and "recall" meaningless). ``--rank`` sets the
+difficulty: at 1M vectors
+rank 16 is much harder for HNSW than rank 8 (see RESULTS.md); the efSearch sweep at the end
+shows what recall costs. Queries are held-out draws from the same clusters.
 
     .venv/bin/python benchmarks/bench_search.py            # 1M vectors, ~5 minutes
     .venv/bin/python benchmarks/bench_search.py --quick    # 100k vectors, for `make bench`
@@ -95,6 +98,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2000, help="timed single queries per side")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2, help="FAISS OpenMP threads (build)")
+    parser.add_argument(
+        "--rank", type=int, default=8, help="directions each cluster spreads along (difficulty)"
+    )
     parser.add_argument("--quick", action="store_true", help="100k vectors, for `make bench`")
     args = parser.parse_args()
     if args.quick:
@@ -104,11 +110,14 @@ def main() -> None:
 
     faiss = import_faiss()  # as coembed imports it: OpenMP threads sleep instead of spinning
     faiss.omp_set_num_threads(args.threads)
-    print(f"search benchmark: {args.n:,} x {args.dim} clustered unit vectors, k={args.k}")
+    print(
+        f"search benchmark: {args.n:,} x {args.dim} clustered unit vectors "
+        f"(1,000 clusters of rank {args.rank}), k={args.k}"
+    )
     print(f"machine: {machine()}; faiss {faiss.__version__}, {args.threads} threads")
 
     t = time.perf_counter()
-    data = clustered(args.n + args.queries, args.dim, seed=0)
+    data = clustered(args.n + args.queries, args.dim, seed=0, rank=args.rank)
     vectors, queries = data[: args.n], np.ascontiguousarray(data[args.n :])
     del data
     items = [f"images/{i:07d}.jpg" for i in range(args.n)]
@@ -187,6 +196,30 @@ def main() -> None:
     print(
         "targets: " + ", ".join(f"{name} {'ok' if ok else 'MISSED'}" for name, ok in checks.items())
     )
+    if index.kind == "hnsw":
+        ef_sweep(index, queries, truth, args.k)
+
+
+def ef_sweep(index, queries: np.ndarray, truth: np.ndarray, k: int) -> None:
+    """Recall and latency of coembed's search as efSearch varies: the speed/recall dial."""
+    print()
+    print("| efSearch | recall@10 | p50 (ms) | p99 (ms) |")
+    print("|---------:|----------:|---------:|---------:|")
+    default = index.params["efSearch"]
+    sample = queries[:500]
+    for ef in (64, 128, 256, 512):
+        index.set_search_params(ef_search=ef)
+        times, hits = [], 0
+        for q, want in zip(sample, truth):
+            t0 = time.perf_counter()
+            ids, _ = index.search_ids(q, k)
+            times.append(time.perf_counter() - t0)
+            hits += len(set(ids) & set(want.tolist()))
+        print(
+            f"| {ef:>8} | {hits / (k * len(sample)):>9.3f} | {percentile_ms(times, 50):>8.3f} "
+            f"| {percentile_ms(times, 99):>8.3f} |"
+        )
+    index.set_search_params(ef_search=default)
 
 
 if __name__ == "__main__":

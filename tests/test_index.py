@@ -94,6 +94,13 @@ def test_hnsw_and_ivfpq_recall_against_brute_force():
     assert ivfpq.kind == "ivfpq" and recall(ivfpq, vectors, queries) >= 0.5
 
 
+def test_search_params_are_saved(tmp_path):
+    index = Index.from_vectors(clustered(300, 16), names(300), kind="hnsw")
+    index.set_search_params(ef_search=300)
+    index.save(tmp_path / "idx")
+    assert Index.load(tmp_path / "idx").faiss.hnsw.efSearch == 300
+
+
 def test_k_larger_than_the_index():
     index = Index.from_vectors(clustered(3, 8), names(3))
     assert len(index.search(clustered(1, 8, seed=2)[0], k=10)) == 3

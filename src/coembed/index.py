@@ -155,31 +155,26 @@ def _weights_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def model_dir_identity(directory: str | os.PathLike) -> dict[str, Any]:
+    """What the manifest records about a model directory: dir, config and weights digests, dim."""
+    from coembed.checkpoint import WEIGHTS_FILE, read_model_config
+
+    source = Path(directory)
+    cfg, text = read_model_config(source)
+    return {
+        "dir": str(source.resolve()),
+        "config_digest": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "weights_digest": _weights_digest(source / WEIGHTS_FILE),
+        "embed_dim": cfg.embed_dim,
+    }
+
+
 def model_identity(embedder) -> dict[str, Any]:
-    """What the manifest records about the model: dir, config digest, weights digest, dim.
-
-    An embedder that was not loaded from a model directory (a test double) is known by its
-    dimension only.
-    """
-    source = Path(getattr(embedder, "source", "") or "")
-    if str(source) and (source / "config.json").is_file():
-        from coembed.checkpoint import read_model_config
-
-        cached = getattr(embedder, "_coembed_identity", None)
-        if cached is not None:
-            return dict(cached)
-        cfg, text = read_model_config(source)
-        identity = {
-            "dir": str(source.resolve()),
-            "config_digest": hashlib.sha256(text.encode()).hexdigest()[:16],
-            "weights_digest": _weights_digest(source / "model.safetensors"),
-            "embed_dim": cfg.embed_dim,
-        }
-        try:
-            embedder._coembed_identity = dict(identity)
-        except AttributeError:
-            pass
-        return identity
+    """The identity of the model directory an embedder was loaded from. An embedder that was
+    not loaded from one (a test double) is known by its dimension only."""
+    source = getattr(embedder, "source", "") or ""
+    if source and (Path(source) / "config.json").is_file():
+        return model_dir_identity(source)
     return {"dir": None, "config_digest": None, "weights_digest": None, "embed_dim": embedder.dim}
 
 
@@ -430,6 +425,11 @@ class Index:
     def embedder(self):
         """The model that built the index, loaded from the index's own copy on first use."""
         if self._embedder is None:
+            if self._model_files is None and self.model.get("dir"):
+                raise IndexError_(
+                    f"the index's copy of its model is missing and {self.model['dir']} is gone "
+                    "or now holds another model; rebuild the index"
+                )
             if self._model_files is None:
                 raise IndexError_(
                     "this index stores no model (it was built from vectors); "
@@ -518,6 +518,15 @@ class Index:
             check_images(query)  # before loading the model: a bad path fails fast
             return embed_query(query, self.embedder)[None, :]
         return self.embedder.embed_images([query])[:1]
+
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Trade speed for recall: HNSW's ``efSearch`` (default 128) or IVF-PQ's ``nprobe``
+        (default 32); saved with the index. Flat search is exact and has neither."""
+        if ef_search is not None and self.kind == "hnsw":
+            self.params["efSearch"] = int(ef_search)
+        if nprobe is not None and self.kind == "ivfpq":
+            self.params["nprobe"] = int(nprobe)
+        _apply_params(self.faiss, self.kind, self.params)
 
     def search_ids(self, query: Any, k: int = 10) -> tuple[list[int], list[float]]:
         """Ids and scores of the ``k`` nearest items, best first."""
@@ -656,14 +665,13 @@ class Index:
 
 def _model_dir_if_same(model: dict[str, Any]) -> Path | None:
     """The original model directory, when the index has no copy and the directory is unchanged."""
-    if not model.get("dir") or not Path(model["dir"]).is_dir():
+    if not model.get("dir") or not (Path(model["dir"]) / "config.json").is_file():
         return None
-    here = Path(model["dir"])
     try:
-        probe = type("Probe", (), {"source": str(here), "dim": model.get("embed_dim")})()
-        return here if _same_model(model, model_identity(probe)) else None
-    except CoembedError:
+        same = _same_model(model, model_dir_identity(model["dir"]))
+    except (CoembedError, OSError):
         return None
+    return Path(model["dir"]) if same else None
 
 
 def _fsync_dir(root: Path) -> None:
