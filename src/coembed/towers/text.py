@@ -47,8 +47,18 @@ class TextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, output_dim) unnormalized features."""
-        B, T = tokens.shape
         eot = self.end_positions(tokens)  # (B,)
+        # Nothing after the last end token of the batch can reach a pooled output (it is masked
+        # out of attention and pooling), so drop those columns: captions are usually far shorter
+        # than the context, and attention and MLP costs shrink with them.
+        # Exporters and compilers want static shapes, so they keep the full context.
+        if not (
+            torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling()
+        ):
+            tokens = tokens[:, : int(eot.max()) + 1]
+        B, T = tokens.shape
         valid = torch.arange(T, device=tokens.device)[None, :] <= eot[:, None]  # (B, T)
         x = self.dropout(self.positional(self.token_embedding(tokens)))  # (B, T, C)
         causal = self.cfg.attention == "causal"
