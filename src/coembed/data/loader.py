@@ -193,12 +193,16 @@ class PairData:
         world_size: int = 1,
         augment: bool = True,
         device: str | torch.device = "cpu",
+        fill_failed: bool = False,
     ) -> Iterator[tuple[Tensor, list[str]]]:
         """This rank's batches of one epoch from ``start_batch`` on: (images, captions).
 
         Images are float32 (B, 3, S, S), normalized, channels_last, on ``device`` (uint8 is
         moved there before augmenting: 4x less to copy). In streaming mode an image that fails
-        to decode is dropped from its batch (and a batch with none left is skipped).
+        to decode is dropped from its batch (and a batch with none left is skipped). With
+        ``fill_failed`` (training) every batch keeps its size instead, which DDP's all-gather
+        and the step -> batch arithmetic of a resume need: a failed pair is replaced by the
+        batch's own decoded pairs in order, and a batch with none left is a ``DataError``.
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -209,7 +213,7 @@ class PairData:
         mine = perm[: n_batches * G].view(n_batches, world_size, batch_size)[:, rank]
         batches = range(start_batch, n_batches)
         if self.streaming:
-            stream = self._stream(mine, batches)
+            stream = self._stream(mine, batches, fill_failed)
         else:
             stream = (
                 (
@@ -227,13 +231,18 @@ class PairData:
                 x = eval_from_uint8(u8, self.image_size)
             yield x, [self.pair_caption[p] for p in pairs]
 
-    def _stream(self, mine: Tensor, batches: range) -> Iterator[tuple[int, Tensor, list[int]]]:
+    def _stream(
+        self, mine: Tensor, batches: range, fill_failed: bool = False
+    ) -> Iterator[tuple[int, Tensor, list[int]]]:
         dataset = _DecodePairs(self.sources, self.pair_image, self.cache_size)
         loader = DataLoader(
             dataset,
             batch_sampler=[mine[b].tolist() for b in batches],
             collate_fn=_collate_pairs,
             num_workers=self.num_workers,
+            # Its own generator: iterating must not draw from torch's global one (a resumed
+            # run restores that state and must see the same draws as an uninterrupted one).
+            generator=torch.Generator().manual_seed(0),
         )
         for b, (u8, pairs, failed) in zip(batches, loader):
             for pair, reason in failed:
@@ -241,6 +250,14 @@ class PairData:
                 if row not in self._stream_failed:
                     self._stream_failed[row] = reason
                     self.skipped[reason] = self.skipped.get(reason, 0) + 1
+            if fill_failed and failed:
+                if not pairs:
+                    raise DataError(
+                        f"none of the {len(failed)} images of batch {b} could be read "
+                        f"({_format_counts(self.skipped)} so far); check the image files"
+                    )
+                take = list(range(len(pairs))) + [i % len(pairs) for i in range(len(failed))]
+                u8, pairs = u8[take], [pairs[i] for i in take]  # (B, C, C, 3)
             if pairs:
                 yield b, u8, pairs
 
