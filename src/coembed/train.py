@@ -34,6 +34,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from coembed.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
     WEIGHTS_FILE,
     atomic_write_text,
     load_model_dir,
@@ -46,7 +48,6 @@ from coembed.config import (
     config_from_dict,
     dump_json,
     load_config,
-    parse_overrides,
     validate,
 )
 from coembed.device import autocast_dtype, resolve_device
@@ -91,9 +92,9 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
 # --- configuration from the command line ---------------------------------------------------------
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The recipe, then ``--set`` overrides, then the explicit flags (which win)."""
-    flags: list[str] = list(args.set or [])
+def config_flags(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides plus the explicit flags (which win), as ``key=value`` strings."""
+    flags: list[str] = list(getattr(args, "set", None) or [])
     for flag, key in (
         ("steps", "train.steps"),
         ("epochs", "train.epochs"),
@@ -113,6 +114,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         flags.append("train.lock_image=true")
     if getattr(args, "lock_text", False):
         flags.append("train.lock_text=true")
+    return flags
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The recipe, then ``--set`` overrides, then the explicit flags (which win)."""
+    flags = config_flags(args)
     if getattr(args, "device", None):
         flags.append(f"train.device={args.device}")
     return load_config(args.config, flags)
@@ -203,29 +210,72 @@ def checkpoint_dirs(output: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
+def remove_leftovers(output: Path) -> None:
+    """Delete what a killed run left half-done: checkpoints being written or being deleted."""
+    root = output / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".del-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(run: TrainRun) -> Path:
     """Write the training state into a temporary folder and rename it into place, then update the
-    model directory at the top of the run folder and drop checkpoints beyond ``keep_checkpoints``."""
+    model directory at the top of the run folder and drop checkpoints beyond ``keep_checkpoints``.
+
+    A checkpoint folder is renamed into place only when complete and renamed away before it is
+    deleted, so a ``step-*`` folder is always whole, whenever the process dies.
+    """
+    model = run.raw_model
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"weights became non-finite at step {run.step} (first: {bad[0]}); stopped without "
+            f"saving ({last_good(run.output)}). Try a lower --lr or more warmup"
+        )
     root = run.output / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{run.step:07d}"
     tmp = root / f".tmp-step-{run.step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model = run.raw_model
     opt_tensors, opt_meta = optimizer_tensors(run.optimizer)
     save_weights(tmp / WEIGHTS_FILE, model.state_dict(), {"step": str(run.step)})
     save_weights(tmp / "optimizer.safetensors", opt_tensors, {})
     save_weights(tmp / "rng.safetensors", rng_tensors(), {})
-    state = {"step": run.step, "optimizer": opt_meta, "skipped": run.data.skipped}
+    epoch, batch = divmod(run.step, run.batches_per_epoch)
+    state = {
+        "step": run.step,
+        # The data position is a function of the step; stored for people and for checking.
+        "epoch": epoch,
+        "batch": batch,
+        "batches_per_epoch": run.batches_per_epoch,
+        "optimizer": opt_meta,
+        "skipped": run.data.skipped,
+    }
     atomic_write_text(tmp / "state.json", json.dumps(state))
     if final.exists():
-        shutil.rmtree(final)
+        retire(final)
     os.replace(tmp, final)
     save_model_dir(model, run.tokenizer, run.output)
     for old in checkpoint_dirs(run.output)[: -run.cfg.train.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+        retire(old)
     return final
+
+
+def retire(checkpoint: Path) -> None:
+    """Delete a checkpoint folder: renamed away first, so no ``step-*`` is ever half-deleted."""
+    gone = checkpoint.with_name(f".del-{checkpoint.name}")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(checkpoint, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def last_good(output: Path) -> str:
+    kept = checkpoint_dirs(output)
+    return (
+        f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint had been written yet"
+    )
 
 
 def load_checkpoint(run: TrainRun, path: Path) -> None:
@@ -238,6 +288,11 @@ def load_checkpoint(run: TrainRun, path: Path) -> None:
         raise CoembedError(
             f"{path}: unreadable checkpoint ({exc}); delete it to resume from an older one"
         ) from None
+    if state.get("batches_per_epoch", run.batches_per_epoch) != run.batches_per_epoch:
+        raise DataError(
+            f"{path}: the run had {state['batches_per_epoch']} batches per epoch, the data now "
+            f"gives {run.batches_per_epoch}; resume on the same data (images may have changed)"
+        )
     load_state_strict(run.raw_model, weights, str(path / WEIGHTS_FILE))
     restore_optimizer(run.optimizer, opt, state["optimizer"])
     restore_rng(rng)
@@ -288,6 +343,7 @@ class TrainRun:
     optimizer: torch.optim.AdamW
     data: object
     total_steps: int
+    batches_per_epoch: int
     loss_fn: nn.Module
     val: object = None
     step: int = 0
@@ -308,12 +364,31 @@ def forward_loss(run: TrainRun, images: torch.Tensor, tokens: torch.Tensor) -> t
     return run.loss_fn(**out)
 
 
+@contextlib.contextmanager
+def no_state_change(model: nn.Module):
+    """Forwards inside leave no trace: buffers (BatchNorm running statistics) are restored."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 def accumulated_backward(run: TrainRun, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Gradient accumulation that keeps the whole batch as contrastive negatives.
 
     First embed every micro-batch without gradients; then, one micro-batch at a time, recompute
     its features with gradients, splice them into the cached features and back-propagate the
     full-batch loss. Memory grows with the micro-batch, the negatives with the whole batch.
+
+    The gradients are exactly those of one full-batch step: micro-batch j contributes
+    dL/df_j * df_j/dtheta, and summing over j gives dL/dtheta (so no division by the number of
+    micro-batches). The temperature (and bias) enter every micro-batch's loss directly, so they
+    carry gradient in one micro-batch only. The caching pass restores BatchNorm's running
+    statistics, so they are updated once per micro-batch, not twice. BatchNorm in train mode
+    still normalizes each micro-batch with its own statistics, as each rank does under DDP.
     """
     n = run.cfg.train.accum_steps
     image_chunks, token_chunks = images.chunk(n), tokens.chunk(n)
@@ -322,26 +397,29 @@ def accumulated_backward(run: TrainRun, images: torch.Tensor, tokens: torch.Tens
     def autocast():
         return torch.autocast(run.device.type, dtype=amp) if amp else contextlib.nullcontext()
 
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(), no_state_change(run.raw_model):
         cached = [run.model(i, t) for i, t in zip(image_chunks, token_chunks)]
     cached_images = [c["image_features"].float() for c in cached]
     cached_texts = [c["text_features"].float() for c in cached]
-    total = torch.zeros((), device=run.device)
+    ddp = isinstance(run.model, nn.parallel.DistributedDataParallel)
     for j in range(n):
-        sync = j == n - 1 or not isinstance(run.model, nn.parallel.DistributedDataParallel)
-        with contextlib.nullcontext() if sync else run.model.no_sync(), autocast():
-            out = run.model(image_chunks[j], token_chunks[j])
+        last = j == n - 1
+        # DDP all-reduces the accumulated gradients once, in the last micro-batch's backward.
+        with contextlib.nullcontext() if last or not ddp else run.model.no_sync():
+            with autocast():
+                out = run.model(image_chunks[j], token_chunks[j])
             features_i = (
                 cached_images[:j] + [out["image_features"].float()] + cached_images[j + 1 :]
             )
             features_t = cached_texts[:j] + [out["text_features"].float()] + cached_texts[j + 1 :]
-            extra = {"logit_bias": out["logit_bias"]} if "logit_bias" in out else {}
-            loss = run.loss_fn(
-                torch.cat(features_i), torch.cat(features_t), out["logit_scale"], **extra
-            )
-            backward(run, loss / n)
-        total += loss.detach() / n
-    return total
+            scalars = {
+                k: (v if last else v.detach()).float()
+                for k, v in out.items()
+                if k in ("logit_scale", "logit_bias")
+            }
+            loss = run.loss_fn(torch.cat(features_i), torch.cat(features_t), **scalars)
+            backward(run, loss)
+    return loss.detach()
 
 
 def backward(run: TrainRun, loss: torch.Tensor) -> None:
@@ -351,8 +429,21 @@ def backward(run: TrainRun, loss: torch.Tensor) -> None:
         loss.backward()
 
 
-def train_step(run: TrainRun, images: torch.Tensor, captions: list[str]) -> float:
-    """One optimizer step on one global batch; returns the loss (before the step)."""
+def global_mean(run: TrainRun, value: torch.Tensor) -> float:
+    """This rank's loss averaged over ranks: the loss of the whole global batch."""
+    if run.dist.world > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= run.dist.world
+    return float(value)
+
+
+def train_step(run: TrainRun, images: torch.Tensor, captions: list[str]) -> tuple[float, float]:
+    """One optimizer step on one global batch; returns (loss before the step, gradient norm).
+
+    A non-finite loss or gradient stops the run before the optimizer touches the weights, so the
+    checkpoints on disk stay good (with fp16 the grad scaler skips such steps on its own).
+    """
     images = images.to(run.device, non_blocking=True)
     tokens = run.tokenizer(captions).to(run.device, non_blocking=True)
     lr = learning_rate(run.step, run.total_steps, run.cfg)
@@ -364,23 +455,27 @@ def train_step(run: TrainRun, images: torch.Tensor, captions: list[str]) -> floa
     else:
         loss = forward_loss(run, images, tokens)
         backward(run, loss)
-    value = float(loss.detach())
+    value = global_mean(run, loss.detach())
     if not math.isfinite(value):
-        kept = checkpoint_dirs(run.output)
-        where = (
-            f"the last good checkpoint is {kept[-1]}"
-            if kept
-            else "no checkpoint had been written yet"
-        )
         raise TrainingDiverged(
-            f"loss became {value} at step {run.step}; stopped without saving ({where}). "
-            "Try a lower --lr, more warmup (--set train.warmup_steps=...) or fp32 precision"
+            f"loss became {value} at step {run.step + 1}; stopped without saving "
+            f"({last_good(run.output)}). Try a lower --lr, more warmup "
+            "(--set train.warmup_steps=...) or fp32 precision"
         )
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
+    params = [p for p in run.raw_model.parameters() if p.grad is not None]
     if run.cfg.train.grad_clip > 0:
-        params = [p for p in run.raw_model.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, run.cfg.train.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.train.grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = float(norm)
+    if run.scaler is None and not math.isfinite(grad_norm):
+        raise TrainingDiverged(
+            f"gradient norm became {grad_norm} at step {run.step + 1}; stopped without saving "
+            f"({last_good(run.output)}). Try a lower --lr or gradient clipping "
+            "(--set train.grad_clip=1.0)"
+        )
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -388,7 +483,7 @@ def train_step(run: TrainRun, images: torch.Tensor, captions: list[str]) -> floa
         run.optimizer.step()
     run.raw_model.clamp_logit_scale()
     run.step += 1
-    return value
+    return value, grad_norm
 
 
 # --- validation and logging ----------------------------------------------------------------------
@@ -445,29 +540,50 @@ def validate_run(run: TrainRun) -> dict[str, float]:
 
 
 class Logger:
-    """JSONL metrics and TensorBoard events, written by rank 0 only."""
+    """JSONL metrics and TensorBoard events, written by rank 0 only.
 
-    def __init__(self, output: Path, enabled: bool):
+    A resumed run starts logging at its checkpoint's step: lines a killed run wrote after that
+    step (and a line it was cut off in the middle of) are dropped, and TensorBoard purges them.
+    """
+
+    def __init__(self, output: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = output / "metrics.jsonl"
         self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if not enabled:
+            return
+        if start_step > 0 or self.path.exists():
+            self._truncate(start_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(output / "tensorboard"))
-            except ImportError:
-                self.tb = None
+            self.tb = SummaryWriter(str(output / "tensorboard"), purge_step=start_step or None)
+        except ImportError:
+            self.tb = None
+
+    def _truncate(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, **values) -> None:
+        """One JSON line; numbers also go to TensorBoard."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for key, value in values.items():
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(key.replace("@", "_at_"), value, step)
+            self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
@@ -498,13 +614,81 @@ def apply_locks(model: CoEmbed, cfg: Config) -> None:
 
 
 def prepare_output(output: Path, resume: bool, dist_: Dist) -> None:
-    has_run = (output / RUN_CONFIG).exists()
-    if has_run and not resume:
+    """Refuse to write over a training run (without ``--resume``) or over a model directory."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file; give a folder for the run")
+    if (output / RUN_CONFIG).exists() and not resume:
         raise UsageError(
             f"{output} already holds a training run: add --resume to continue it, or pick another --output"
         )
+    if not (output / RUN_CONFIG).exists() and (output / CONFIG_FILE).exists():
+        raise UsageError(
+            f"{output} holds a model directory that is not a training run; pick another --output "
+            f"(--init {output} fine-tunes it)"
+        )
+    if dist_.world > 1:
+        dist.barrier()  # every rank has looked before rank 0 writes anything
     if dist_.main:
         output.mkdir(parents=True, exist_ok=True)
+
+
+def dataset_path(path: str | None) -> str | None:
+    """A dataset argument as stored in run_config.json: absolute when it is a local path."""
+    if path is None:
+        return None
+    return os.path.abspath(path) if os.path.exists(path) else str(path)
+
+
+def read_run_config(output: Path) -> dict | None:
+    """The saved run_config.json, or None when a run never got that far (nothing to resume)."""
+    path = output / RUN_CONFIG
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    saved.setdefault("recipe", None)
+    saved.setdefault("flags", [])
+    for key in ("val_data", "split", "init"):
+        saved.setdefault(key, None)
+    return saved
+
+
+def resumed_config(args: argparse.Namespace, saved: dict) -> Config:
+    """The saved run's config. Flags and data given again must be those the run started with."""
+    given = config_flags(args)
+    if given and (given != saved["flags"] or args.config != saved["recipe"]):
+        now = [f for f in [args.config, *given] if f not in [saved["recipe"], *saved["flags"]]]
+        then = [f for f in [saved["recipe"], *saved["flags"]] if f not in [args.config, *given]]
+        raise UsageError(
+            f"--resume continues the run as saved in {RUN_CONFIG}, but the config given differs "
+            f"(given: {' '.join(map(str, now)) or '-'}; saved: {' '.join(map(str, then)) or '-'}); "
+            "drop the flags or repeat the original ones"
+        )
+    for name in ("train_data", "val_data", "split"):
+        value = getattr(args, name, None)
+        value = dataset_path(value) if name != "split" else value
+        if value is not None and value != saved[name]:
+            raise UsageError(
+                f"--resume continues the run on its own data: {name.replace('_', '-')} was "
+                f"{saved[name]}, now {value}"
+            )
+    cfg = config_from_dict(saved["config"])
+    if getattr(args, "device", None) not in (None, "auto"):
+        cfg.train.device = args.device  # a run may move to another device
+    return cfg
+
+
+def build_tokenizer_and_config(cfg: Config, records, output: Path, init_dir: str | None, dist_):
+    """The tokenizer, and the model config it completes (vocabulary size, end-of-text id)."""
+    if init_dir:
+        # Fine-tuning a coembed model keeps its architecture and tokenizer.
+        source, tokenizer, _ = load_model_dir(init_dir, "cpu")
+        cfg.model = source.cfg
+        return tokenizer
+    tokenizer = build_tokenizer(cfg, records, output, dist_)
+    if cfg.model.tokenizer == "trained":
+        cfg.model.text.vocab_size = tokenizer.vocab_size
+    cfg.model.text.eot_id = tokenizer.eot_id
+    return tokenizer
 
 
 def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
@@ -548,57 +732,64 @@ def load_pair_data(records, cfg: Config, output: Path, dist_: Dist):
 
 
 def build_run(args: argparse.Namespace) -> TrainRun:
+    """Everything a run needs, checked before anything is written that would block a retry."""
     output = Path(args.output)
-    resume = bool(args.resume) and (output / RUN_CONFIG).exists()
-    if resume:
-        saved = json.loads((output / RUN_CONFIG).read_text())
-        cfg = config_from_dict(saved["config"])
-        extra = parse_overrides(args.set or [])
-        if extra:
-            raise UsageError("--resume continues the saved config; --set is not allowed with it")
-        args.train_data, args.val_data = saved["train_data"], saved.get("val_data")
-        args.split = saved.get("split")
+    resume = bool(getattr(args, "resume", False))
+    saved = read_run_config(output) if resume else None
+    if saved is not None:
+        cfg = resumed_config(args, saved)
+        train_data, val_data, split, init = (
+            saved[k] for k in ("train_data", "val_data", "split", "init")
+        )
     else:
         cfg = config_from_args(args)
+        train_data, val_data = args.train_data, getattr(args, "val_data", None)
+        split, init = getattr(args, "split", None), getattr(args, "init", None)
     dist_, device = setup_distributed(cfg.train.device)
-    prepare_output(output, resume or bool(args.resume), dist_)
-    if cfg.train.batch_size % dist_.world:
+    prepare_output(output, resume, dist_)
+    if cfg.train.batch_size % (dist_.world * cfg.train.accum_steps):
         raise UsageError(
-            f"--batch-size {cfg.train.batch_size} is not divisible by {dist_.world} processes"
+            f"--batch-size {cfg.train.batch_size} is not divisible by {dist_.world} process(es) "
+            f"x {cfg.train.accum_steps} accumulation steps"
         )
     set_threads(cfg)
-    torch.manual_seed(cfg.train.seed)
 
-    records, report = read_pairs(args.train_data, cfg, getattr(args, "split", None))
-    init_dir = args.init if args.init and Path(args.init).is_dir() and not resume else None
-    if init_dir:
-        # Fine-tuning a coembed model keeps its architecture and tokenizer.
-        source, tokenizer, _ = load_model_dir(init_dir, "cpu")
-        cfg.model = source.cfg
-        del source
-    elif resume:
+    records, report = read_pairs(train_data, cfg, split)
+    if saved is not None:
         from coembed.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(output / "tokenizer.json")
+        tokenizer = Tokenizer.load(output / TOKENIZER_FILE)
     else:
-        tokenizer = build_tokenizer(cfg, records, output, dist_)
-        if cfg.model.tokenizer == "trained":
-            cfg.model.text.vocab_size = tokenizer.vocab_size
-        cfg.model.text.eot_id = tokenizer.eot_id
+        init_dir = init if init and Path(init).is_dir() else None
+        tokenizer = build_tokenizer_and_config(cfg, records, output, init_dir, dist_)
     validate(cfg)
-    if dist_.main and not resume:
+
+    # The initial weights depend on the seed only (nothing else draws from torch's generator
+    # before), so a run killed before its first checkpoint restarts from the same weights.
+    torch.manual_seed(cfg.train.seed)
+    model = CoEmbed(cfg.model)
+    checkpoints = checkpoint_dirs(output) if saved is not None else []
+    if init and not checkpoints:
+        init_weights(model, init, device)
+
+    data = load_pair_data(records, cfg, output, dist_)
+    per_rank = cfg.train.batch_size // dist_.world
+    batches = data.num_batches(per_rank, dist_.world)  # DataError when one batch is too many
+    total_steps = total_steps_for(cfg, batches)
+    val = prepare_validation(val_data, cfg, split) if val_data else None
+    if dist_.main and saved is None:
+        tokenizer.save(output / TOKENIZER_FILE)
         run_config = {
             "config": json.loads(dump_json(cfg)),
-            "train_data": str(args.train_data),
-            "val_data": args.val_data and str(args.val_data),
-            "split": getattr(args, "split", None),
-            "init": args.init,
+            "recipe": args.config,
+            "flags": config_flags(args),
+            "train_data": dataset_path(train_data),
+            "val_data": dataset_path(val_data),
+            "split": split,
+            "init": init and os.path.abspath(init),
         }
         atomic_write_text(output / RUN_CONFIG, json.dumps(run_config, indent=2))
 
-    model = CoEmbed(cfg.model)
-    if args.init and not resume:
-        init_weights(model, args.init, device)
     apply_locks(model, cfg)
     model = model.to(device)
     if cfg.train.channels_last:
@@ -610,18 +801,6 @@ def build_run(args: argparse.Namespace) -> TrainRun:
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=25)
     if cfg.train.compile:
         model = torch.compile(model)
-
-    data = load_pair_data(records, cfg, output, dist_)
-    if len(data) == 0:
-        raise DataError(
-            f"{args.train_data}: no usable image-caption pairs (skipped: {data.skipped})"
-        )
-    batches = data.num_batches(cfg.train.batch_size // dist_.world, dist_.world)
-    if batches == 0:
-        raise DataError(
-            f"{args.train_data}: {len(data)} usable pairs is fewer than one batch of {cfg.train.batch_size}; "
-            "lower --batch-size"
-        )
     run = TrainRun(
         cfg=cfg,
         output=output,
@@ -632,27 +811,28 @@ def build_run(args: argparse.Namespace) -> TrainRun:
         tokenizer=tokenizer,
         optimizer=optimizer,
         data=data,
-        total_steps=total_steps_for(cfg, batches),
+        total_steps=total_steps,
+        batches_per_epoch=batches,
         loss_fn=make_loss(cfg.train.loss),
+        val=val,
+        read_report=report,
     )
-    run.read_report = report
     if autocast_dtype(cfg.train.precision, device) == torch.float16:
         run.scaler = torch.amp.GradScaler("cuda")
-    if args.val_data:
-        run.val = prepare_validation(args.val_data, cfg, getattr(args, "split", None))
-    if resume:
-        kept = checkpoint_dirs(output)
-        if kept:
-            load_checkpoint(run, kept[-1])
+    if dist_.main:
+        remove_leftovers(output)
+    if checkpoints:
+        load_checkpoint(run, checkpoints[-1])
     return run
 
 
 def run_loop(run: TrainRun, logger: Logger) -> dict:
+    """Train to ``total_steps``; checkpoint every ``checkpoint_every`` steps and at the end,
+    validate at the end of every epoch. Returns the last validation metrics."""
     from tqdm import tqdm
 
     cfg = run.cfg
-    per_rank = run.per_rank_batch
-    batches = run.data.num_batches(per_rank, run.dist.world)
+    batches = run.batches_per_epoch
     bar = tqdm(
         total=run.total_steps,
         initial=run.step,
@@ -668,36 +848,37 @@ def run_loop(run: TrainRun, logger: Logger) -> dict:
         stream = run.data.epoch_batches(
             epoch,
             cfg.train.seed,
-            per_rank,
+            run.per_rank_batch,
             start_batch=start_batch,
             rank=run.dist.rank,
             world_size=run.dist.world,
             augment=cfg.data.augment,
+            fill_failed=True,
         )
         for images, captions in stream:
-            loss = train_step(run, images, captions)
+            loss, grad_norm = train_step(run, images, captions)
             window_samples += len(captions) * run.dist.world
             lr = run.optimizer.param_groups[0]["lr"]
             if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
-                elapsed = time.perf_counter() - window_start
-                rate = window_samples / max(elapsed, 1e-9)
-                scale = float(run.raw_model.logit_scale.exp())
+                rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
+                scale = run.raw_model.logit_scale.detach().exp().item()
                 logger.log(
-                    run.step, epoch=epoch, loss=loss, lr=lr, samples_per_s=rate, logit_scale=scale
+                    run.step,
+                    epoch=epoch,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    samples_per_s=rate,
+                    logit_scale=scale,
                 )
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
                 window_start, window_samples = time.perf_counter(), 0
             bar.update(1)
             end_of_epoch = run.step % batches == 0
-            if run.dist.main and (
-                run.step % cfg.train.checkpoint_every == 0 or run.step == run.total_steps
-            ):
+            finished = run.step >= run.total_steps
+            if run.dist.main and (run.step % cfg.train.checkpoint_every == 0 or finished):
                 save_checkpoint(run)
-            if (
-                run.val is not None
-                and run.dist.main
-                and (end_of_epoch or run.step == run.total_steps)
-            ):
+            if run.val is not None and run.dist.main and (end_of_epoch or finished):
                 last_metrics = validate_run(run)
                 logger.log(
                     run.step, epoch=epoch, **{f"val/{k}": v for k, v in last_metrics.items()}
@@ -706,7 +887,7 @@ def run_loop(run: TrainRun, logger: Logger) -> dict:
                     f"step {run.step} val: i2t R@1 {last_metrics['image_to_text_R@1']:.3f}  "
                     f"t2i R@1 {last_metrics['text_to_image_R@1']:.3f}"
                 )
-            if run.step >= run.total_steps or end_of_epoch:
+            if finished or end_of_epoch:
                 break
         if run.dist.world > 1:
             dist.barrier()
@@ -718,24 +899,31 @@ def train_from_args(args: argparse.Namespace) -> dict:
     """``coembed train``: build the run, loop, report. Returns the last validation metrics."""
     started = time.perf_counter()
     run = build_run(args)
-    if getattr(args, "profile", False):
-        from coembed.profile import format_profile, profile_run
-
-        result = profile_run(run)
-        if run.dist.main:
-            print(format_profile(result))
-            print(f"details: {run.output / 'profile.json'}, {run.output / 'profile.txt'}")
-        return result
-    logger = Logger(run.output, run.dist.main)
+    logger = Logger(run.output, run.dist.main, start_step=run.step)
     try:
         if run.dist.main:
+            report = run.read_report
             print(
                 f"training {sum(p.numel() for p in run.raw_model.parameters()) / 1e6:.1f}M parameters on "
                 f"{len(run.data)} pairs, {run.total_steps} steps of {run.cfg.train.batch_size} "
-                f"({run.dist.world} process{'es' if run.dist.world > 1 else ''}, {run.device})",
+                f"({run.dist.world} process{'es' if run.dist.world > 1 else ''}, {run.device})"
+                + (f", resuming at step {run.step}" if run.step else ""),
                 flush=True,
             )
-        metrics = run_loop(run, logger)
+            skipped = data_skipped(run)
+            if skipped:
+                print("images skipped: " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
+            print(f"data: {report.summary()}", flush=True)
+            logger.log(run.step, data=report.summary(), empty_captions=report.empty_captions)
+        try:
+            metrics = run_loop(run, logger)
+        except TrainingDiverged as exc:
+            logger.log(run.step, diverged=str(exc))
+            raise
+        if run.dist.main:
+            logger.log(
+                run.step, skipped_images=data_skipped(run), empty_captions=report.empty_captions
+            )
     finally:
         logger.close()
     if run.dist.main:
@@ -746,17 +934,27 @@ def train_from_args(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def data_skipped(run: TrainRun) -> dict[str, int]:
+    return {k: v for k, v in sorted(run.data.skipped.items()) if v}
+
+
 def report_end(run: TrainRun, metrics: dict, seconds: float) -> None:
-    skipped = {k: v for k, v in run.data.skipped.items() if v}
+    """summary.json, and the end-of-run lines: steps, skipped captions and images, recall."""
+    skipped = data_skipped(run)
     report = run.read_report
     notes = []
-    if getattr(report, "empty_captions", 0):
+    if report.empty_captions:
         notes.append(f"{report.empty_captions} empty captions skipped")
-    if getattr(report, "long_captions_truncated", 0):
+    if report.long_captions_truncated:
         notes.append(f"{report.long_captions_truncated} long captions truncated")
     if skipped:
         notes.append("images skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
-    summary = {"steps": run.step, "seconds": round(seconds, 1), "skipped_images": skipped}
+    summary = {
+        "steps": run.step,
+        "seconds": round(seconds, 1),
+        "skipped_images": skipped,
+        "empty_captions": report.empty_captions,
+    }
     summary.update({k: v for k, v in metrics.items()})
     atomic_write_text(run.output / "summary.json", json.dumps(summary, indent=2))
     print(f"done: {run.step} steps in {seconds:.0f} s; model in {run.output}")
