@@ -171,7 +171,8 @@ def test_image_terms_name_indexed_items(client, index):
     assert_error(
         client.post("/search", json={"query": 'image:"/etc/hostname" + "red"'}), 400, "indexed"
     )
-    assert_error(client.post("/search", json={"query": f"image:{len(index)}"}), 400, "indexed")
+    for ref in (str(len(index)), "\u00b2", "../x.png"):
+        assert_error(client.post("/search", json={"query": f"image:{ref}"}), 400, "indexed")
 
 
 def test_more_like_this_finds_the_item_itself(client, index):

@@ -315,7 +315,8 @@ class SearchService:
 
     async def _answer_text(self, text: str, k: int) -> TextAnswer:
         answer = await self._texts.submit(text, k)
-        self._query_cache[text] = answer[0]
+        # A copy: the row is a view that would keep its whole batch alive in the cache.
+        self._query_cache[text] = answer[0].copy()
         if len(self._query_cache) > QUERY_CACHE_SIZE:
             self._query_cache.popitem(last=False)
         return answer
@@ -380,7 +381,7 @@ class SearchService:
         return (total / norm).astype(np.float32)
 
     def _resolve_item(self, value: str) -> int:
-        if value.isdigit() and int(value) < len(self.index):
+        if value.isascii() and value.isdigit() and int(value) < len(self.index):
             return int(value)
         if self._item_ids is None:
             self._item_ids = {item: i for i, item in enumerate(self.index.items)}
