@@ -320,8 +320,9 @@ Targets: {verdict}.
 
 Where the server's time goes (py-spy and in-process timing while developing): encoding one short
 text with the tiny model ~1.5-2.5 ms of CPU on these shared cores (padding after the end token
-is dropped, so a query costs its length, not the context length), FAISS HNSW ~0.2 ms, and HTTP +
-FastAPI + JSON ~0.8 ms (h11, pure Python: `uvicorn[standard]`'s httptools would cut that).
+is dropped, so a query costs its length, not the context length), the HNSW search 0.2-0.8 ms
+(0.2 warm in a loop; more with caches shared with other jobs), and HTTP + FastAPI + JSON ~0.3 ms
+(a search by id over a 2,000-item flat index costs 0.3 ms of server CPU in all).
 Under load, concurrent texts share forward passes (micro-batching), which is why a text query
 costs {many["server_cpu_ms"]:.1f} ms of server CPU at {c} clients against {single["server_cpu_ms"]:.1f} ms alone. Latency
 at {c} clients is queueing: {c} requests in flight at {many["rps"]:,.0f}/s.
