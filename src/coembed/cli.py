@@ -256,7 +256,7 @@ def build_parser() -> Parser:
         '--image photo.png - "red" + "blue".',
     )
     p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("query", nargs="?", default=None, help="text, or a compositional query")
+    p.add_argument("query", nargs="*", default=None, help="text, or a compositional query")
     p.add_argument("--image", default=None, help="query image path")
     p.add_argument("--k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
