@@ -130,6 +130,13 @@ def _warn_skipped(failures: list[tuple[Any, str]]) -> None:
         )
 
 
+def _none_readable(source, ok: list[int], failures: list[tuple[Any, str]]) -> None:
+    # One error line, not a skip warning followed by an error.
+    if not ok:
+        first = f" (first: {failures[0][1]})" if failures else ""
+        raise DataError(f"{source}: none of the {len(failures)} images could be read{first}")
+
+
 def evaluate_retrieval_cli(
     model_dir: str | os.PathLike,
     data_path: str | os.PathLike,
@@ -152,6 +159,7 @@ def evaluate_retrieval_cli(
         os.fspath(data_path), image_key or "filepath", caption_key or "caption", split
     )
     image_emb, ok, failures = embed_image_sources(embedder, [r.image for r in records])
+    _none_readable(data_path, ok, failures)
     _warn_skipped(failures)
     captions: list[str] = []
     text_to_image: list[int] = []
@@ -265,9 +273,8 @@ def zeroshot_cli(
     paths = [p for _, images in classes for p in images]
     labels_all = np.concatenate([np.full(len(images), c) for c, (_, images) in enumerate(classes)])
     image_emb, ok, failures = embed_image_sources(embedder, paths)
+    _none_readable(folder, ok, failures)
     _warn_skipped(failures)
-    if not ok:
-        raise DataError(f"{folder}: none of the {len(paths)} images could be read")
     classifier = zeroshot_classifier(embedder, classnames, prompts)
     result = zeroshot_scores(image_emb, labels_all[ok], classifier, classnames)
     result["templates"] = len(prompts)
