@@ -32,6 +32,8 @@ import numpy as np
 from coembed.errors import ImageError, UsageError
 
 _NUMBER = re.compile(r"\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?")
+# Larger weights overflow the weighted sum of unit vectors (and say nothing a smaller one cannot).
+MAX_WEIGHT = 1e6
 _WEIGHTED_WORDS = re.compile(r"^\s*(\d+\.?\d*|\.\d+)\s*\*\s*(.+)$", re.S)
 
 
@@ -146,6 +148,8 @@ def _parse_term(text: str, tokens: list, pos: int) -> tuple[float, str, str, int
             raise _error(text, tokens[pos][2], '"*" after a term must be followed by a number')
         weight *= float(tokens[pos + 1][1])  # type: ignore[arg-type]
         pos += 2
+    if not abs(weight) <= MAX_WEIGHT:  # also catches 1e999 (inf) and inf * 0 (nan)
+        raise _error(text, column, f"weight {weight:g} is out of range (at most {MAX_WEIGHT:g})")
     return weight, kind, str(value), pos
 
 
