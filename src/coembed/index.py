@@ -530,6 +530,8 @@ class Index:
 
     def search_ids(self, query: Any, k: int = 10) -> tuple[list[int], list[float]]:
         """Ids and scores of the ``k`` nearest items, best first."""
+        # FAISS allocates (1, k) results up front: --k 10**12 must not ask for terabytes.
+        k = max(1, min(int(k), len(self)))
         scores, ids = self.faiss.search(self.query_vector(query), k)
         ids_list = ids[0].tolist()
         # FAISS pads with -1 when fewer than k results exist.
