@@ -125,6 +125,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from coembed.data import synthetic
 
+    if min(args.n_train, args.n_val) < 0:
+        raise UsageError("coembed data: --n-train and --n-val must be 0 or more")
     if args.kind == "synthetic":
         synthetic.generate(args.output, n_train=args.n_train, n_val=args.n_val, seed=args.seed)
     else:
