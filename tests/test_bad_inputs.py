@@ -366,6 +366,13 @@ def skipped_listed(count: int, *reasons: str) -> Callable:
     return check
 
 
+def found(count: int) -> Callable:
+    def check(proc, world, out: Path) -> None:
+        assert len(json.loads(proc.stdout)["results"]) == count, proc.stdout
+
+    return check
+
+
 def indexed(count: int) -> Callable:
     def check(proc, world, out: Path) -> None:
         assert f"indexed {count} " in proc.stdout, proc.stdout
@@ -462,6 +469,8 @@ CLI_CASES = [
     cli("bad override", "unknown enum", [*TRAIN, "--train-data", "{data}/good.csv", "--set", "model.text.pool=median"], 2, "median"),
     # command-line values
     cli("bad option value", "--k 0", [*SEARCH, "--k", "0", "red"], 2, "--k"),
+    cli("bad option value", "--k 10**12", [*SEARCH, "--k", "1000000000000", "--json", "red"], 0, check=found(6)),
+    cli("bad option value", "--n-train -5", ["data", "synthetic", "--output", "{out}", "--n-train", "-5"], 2, "n-train"),
     cli("bad option value", "--k not a number", [*SEARCH, "--k", "ten", "red"], 2, "--k"),
     cli("bad option value", "--batch-size 0", [*INDEX, "{images}", "--batch-size", "0"], 2, "batch-size"),
     cli("bad option value", "--kind", [*INDEX, "{images}", "--kind", "annoy"], 2, "annoy"),
@@ -473,6 +482,7 @@ CLI_CASES = [
     cli("bad command line", "unknown flag", [*SEARCH, "--colour", "red", "x"], 2, "--colour"),
     cli("bad compositional query", "unbalanced quote", [*SEARCH, '"red - "blue"'], 2, "quote"),
     cli("bad compositional query", "dangling operator", [*SEARCH, '"red" -'], 2, "term must follow"),
+    cli("bad compositional query", "infinite weight", [*SEARCH, '1e999*"red"'], 2, "out of range"),
     cli("bad compositional query", "missing query image", [*SEARCH, 'image:"{root}/nope.png" + "red"'], 1, "nope.png"),
 ]
 # fmt: on
@@ -834,6 +844,7 @@ HTTP_CASES = [
     http("path traversal", "query image path", post_json({"query": 'image:"/etc/passwd" + "red"'}), 400, "indexed"),
     http("path traversal", "id out of range", get("/images/99999"), 404, "no item"),
     http("path traversal", "negative id", get("/thumbnails/-1"), 404, "no item"),
+    http("bad compositional query", "infinite weight", post_json({"query": '1e999*"red" - "blue"'}), 400, "out of range"),
     http("bad compositional query", "cancel out", post_json({"query": '"red" - "red"'}), 400, "cancel"),
 ]
 # fmt: on
