@@ -45,7 +45,7 @@ DATA = ROOT / "data" / "synthetic" / "train.csv"
 MODEL_NAME = "coembed-tiny-bench"
 TARGET_RATIO = 2.0
 PASSIVE = "open_clip, OMP_WAIT_POLICY=PASSIVE"
-LOG_EVERY = 5
+LOG_EVERY = 2
 
 LAUNCHER = """\
 import sys
