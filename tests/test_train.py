@@ -38,6 +38,10 @@ TINY_SET = [
     "data.workers=0",
 ]
 TINY = [arg for pair in TINY_SET for arg in ("--set", pair)]
+# Runs compared with each other use CLIP's fixed tokenizer: a BPE trained on the captions is not
+# the same in every process (tokenizers' trainer breaks ties between equally frequent pairs in
+# hash-map order), so two separately started runs would not even share their token ids.
+CLIP_TOKENIZER = ("--set", "model.tokenizer=clip", "--set", "model.text.vocab_size=49408")
 RETRIEVAL_KEYS = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
 
 
@@ -365,7 +369,7 @@ def test_accumulation_matches_one_full_batch_through_the_cli(data, tmp_path):
     covers every parameter, the convolutions included.
     """
     runs = {n: tmp_path / f"accum{n}" for n in (1, 2)}
-    common = ("--lock-image", "--set", "train.lock_image_unlocked_groups=1")
+    common = ("--lock-image", "--set", "train.lock_image_unlocked_groups=1", *CLIP_TOKENIZER)
     common += ("--set", "train.log_every=1", "--set", "data.augment=false")
     procs = run_many(
         [
@@ -471,3 +475,34 @@ def test_caching_pass_leaves_batchnorm_statistics_alone(tiny_run):
     accumulated_backward(run, images, tokens)
     for name, b in run.model.named_buffers():
         assert torch.equal(b, expected[name]), name
+
+
+def test_streamed_batches_stay_full_when_images_fail(data, tmp_path):
+    """Streaming mode (data too big for the cache): a failed image is replaced by a pair of its own
+    batch, so every batch keeps its size (DDP all-gathers equal shapes; step b is batch b)."""
+    from coembed.data.formats import read_records
+    from coembed.data.loader import PairData
+    from coembed.errors import DataError
+
+    records, _ = read_records(str(data))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    records[1].image = records[5].image = str(broken)
+    stream = PairData.from_records(records, 32, cache_dir=None, max_cache_bytes=0, num_workers=0)
+    batches = list(stream.epoch_batches(0, 0, 8, augment=False, fill_failed=True))
+    assert [len(c) for _, c in batches] == [8, 8, 8]
+    assert [x.shape[0] for x, _ in batches] == [8, 8, 8]
+    assert stream.skipped == {"corrupt": 1}
+    for x, captions in batches:
+        for i, caption in enumerate(captions):  # a repeated caption comes with its own image
+            j = captions.index(caption)
+            assert torch.equal(x[i], x[j])
+    assert sum(len(set(c)) for _, c in batches) == 22
+    # Resuming at batch 2 gives batch 2 of the uninterrupted epoch.
+    (x2, c2), *_ = stream.epoch_batches(0, 0, 8, start_batch=2, augment=False, fill_failed=True)
+    assert c2 == batches[2][1] and torch.equal(x2, batches[2][0])
+    for record in records:
+        record.image = str(broken)
+    nothing = PairData.from_records(records, 32, cache_dir=None, max_cache_bytes=0, num_workers=0)
+    with pytest.raises(DataError, match="none of the 8 images of batch 0"):
+        next(nothing.epoch_batches(0, 0, 8, fill_failed=True))

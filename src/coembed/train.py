@@ -778,6 +778,17 @@ def build_run(args: argparse.Namespace) -> TrainRun:
     checkpoints = checkpoint_dirs(output) if saved is not None else []
     if init and not checkpoints:
         init_weights(model, init, device)
+    apply_locks(model, cfg)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model
+    optimizer = make_optimizer(model, cfg, device)
+    if dist_.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=25)
+    if cfg.train.compile:
+        model = torch.compile(model)
 
     data = load_pair_data(records, cfg, output, dist_)
     per_rank = cfg.train.batch_size // dist_.world
@@ -797,17 +808,6 @@ def build_run(args: argparse.Namespace) -> TrainRun:
         }
         atomic_write_text(output / RUN_CONFIG, json.dumps(run_config, indent=2))
 
-    apply_locks(model, cfg)
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    raw_model = model
-    optimizer = make_optimizer(model, cfg, device)
-    if dist_.world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=25)
-    if cfg.train.compile:
-        model = torch.compile(model)
     run = TrainRun(
         cfg=cfg,
         output=output,
