@@ -199,6 +199,7 @@ def run_coembed(work: Path, budget: float, env: dict, cache: Path) -> dict:
         "--output", str(out),
         "--steps", "100000",
         "--set", "model.tokenizer=clip",
+        "--set", "model.text.vocab_size=49408",
         "--set", f"train.log_every={LOG_EVERY}",
         "--set", "train.checkpoint_every=100000",
         "--set", "train.precision=fp32",
