@@ -255,3 +255,9 @@ def test_load_errors_name_the_file(tmp_path):
         assert name in message and "\n" not in message, message
     with pytest.raises(ModelDirError, match="tokenizer.json"):
         Tokenizer.load(tmp_path / "no_such_model_dir")
+
+
+def test_trained_tokenizer_uses_the_same_word_pattern_as_a_fresh_build():
+    from coembed.tokenizer import shipped_word_pattern, word_pattern
+
+    assert shipped_word_pattern() == word_pattern()

@@ -140,6 +140,14 @@ def word_pattern() -> str:
     return "|".join([*map(literal, literals), letters + "+", number, other + "+"])
 
 
+@functools.lru_cache(maxsize=1)
+def shipped_word_pattern() -> str:
+    """``word_pattern()`` as stored in the shipped CLIP tokenizer: the same string, without the
+    seconds of scanning every code point (a test checks the asset against a fresh build)."""
+    spec = json.loads(gzip.decompress(CLIP_ASSET.read_bytes()))
+    return spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+
+
 def _pre_tokenizer(pattern: str) -> pre_tokenizers.PreTokenizer:
     # invert=True + "removed" keeps the regex matches as words and drops the rest (spaces), like
     # re.findall; ByteLevel then maps each UTF-8 byte to its printable stand-in.
@@ -298,7 +306,7 @@ class Tokenizer:
             raise ConfigError(
                 f"vocab_size must be at least {3 + _BASE_SIZE} (3 special + 512 byte tokens), got {vocab_size!r}"
             )
-        pattern = word_pattern()
+        pattern = shipped_word_pattern()
         learner = HFTokenizer(models.BPE(end_of_word_suffix=END_OF_WORD))
         learner.pre_tokenizer = _pre_tokenizer(pattern)
         # The trainer counts its alphabet (<= 256 bytes + <= 256 word-final bytes) in its vocabulary,
