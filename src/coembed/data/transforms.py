@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.ops import roi_align
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -83,6 +82,9 @@ def _crop_resize(batch_uint8_nhwc: Tensor, boxes: Tensor, out_size: int) -> Tens
     rois = torch.cat([index, boxes.to(torch.float32)], dim=1).to(x.device)  # (B, 5)
     # aligned=True: box coordinates are continuous pixel edges, so [0, 0, W, H] is the whole
     # image; sampling_ratio=-1 averages ceil(box/out) samples per output pixel (antialiasing).
+    # Imported here: torchvision.ops pulls in torch._dynamo (seconds), which only training needs.
+    from torchvision.ops import roi_align
+
     return roi_align(
         x.contiguous(),
         rois,
