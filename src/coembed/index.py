@@ -696,7 +696,8 @@ def _remove_old_files(root: Path, keep: set[str | None]) -> None:
         name = path.name
         if name in keep:
             continue
-        stale_tmp = name.startswith((".index-", ".items-", ".model-")) and name.endswith(".tmp")
+        temp_of = (".index-", ".items-", ".model-", f".{MANIFEST}.", f".{SKIPPED_FILE}.")
+        stale_tmp = name.startswith(temp_of) and name.endswith(".tmp")
         if _GENERATION.match(name) or stale_tmp or (name.startswith("model-") and path.is_dir()):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
