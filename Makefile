@@ -30,6 +30,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not browser"
 
 bench: install
+	$(BIN)/pip install -q -e '.[dev,bench]' $(TORCH_PINS)
 	$(BIN)/python benchmarks/run_all.py --quick
 
 clean:

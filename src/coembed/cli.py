@@ -303,6 +303,11 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while waiting take the cores from the threads doing the work
+    # whenever anything else runs (a data worker, a browser, another job): on 2 shared cores a
+    # tiny-recipe training step took 2-12 s spinning and 0.9 s waiting passively. libgomp reads
+    # the variable when torch loads it, and every subcommand imports torch lazily, after this.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

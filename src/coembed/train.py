@@ -27,13 +27,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# libgomp's idle threads busy-wait by default. With more runnable threads than cores (shared
-# CPUs, decode workers, two processes on a laptop) the spinning threads take the cores from the
-# ones doing the work: on 2 shared cores a tiny-recipe step took 2-12 s spinning, 0.9 s passive.
-# libgomp reads the variable once, when torch loads it, so this applies when coembed.train is
-# imported before torch (as `coembed train` does); a value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np
 import torch
 import torch.distributed as dist
