@@ -444,8 +444,12 @@ def train_step(run: TrainRun, images: torch.Tensor, captions: list[str]) -> tupl
     A non-finite loss or gradient stops the run before the optimizer touches the weights, so the
     checkpoints on disk stay good (with fp16 the grad scaler skips such steps on its own).
     """
+    tokens = run.tokenizer(captions)
+    if run.device.type == "cuda":
+        # Page-locked host memory lets the copies overlap with the previous step's kernels.
+        images, tokens = images.pin_memory(), tokens.pin_memory()
     images = images.to(run.device, non_blocking=True)
-    tokens = run.tokenizer(captions).to(run.device, non_blocking=True)
+    tokens = tokens.to(run.device, non_blocking=True)
     lr = learning_rate(run.step, run.total_steps, run.cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
