@@ -225,3 +225,15 @@ def test_shipped_recipes_build(name):
 def test_tiny_fixture_is_really_tiny():
     cfg = tiny_config()
     assert cfg.model.image.image_size == 32 and "model.embed_dim=32" in TINY
+
+
+def test_text_tower_skips_the_padding_after_the_last_end_token():
+    model = tiny_clip_model().eval()
+    tokens = tokens_for([2, 5])  # the longest row ends at position 6 of 16
+    seen = []
+    model.text.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    with torch.no_grad():
+        full = model.encode_text(tokens)
+        short = model.encode_text(tokens[:, :7])
+    assert seen == [7, 7]  # the tower really ran on 7 positions, not 16
+    torch.testing.assert_close(short, full, atol=1e-6, rtol=0)

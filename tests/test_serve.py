@@ -209,21 +209,6 @@ def test_embed_matches_the_embedder(client, index):
     np.testing.assert_allclose(body["vectors"], index.embedder.embed_images([path]), atol=1e-5)
 
 
-def test_trim_padding_keeps_features(index):
-    import torch
-
-    from coembed.serve.app import trim_padding
-
-    embedder = index.embedder
-    tokens = embedder.tokenizer(["a", "a much longer caption of a blue square"])
-    trimmed = trim_padding(tokens, embedder.tokenizer.eot_id)
-    assert trimmed.shape[1] < tokens.shape[1]
-    with torch.no_grad():
-        full = embedder.model.encode_text(tokens)
-        short = embedder.model.encode_text(trimmed)
-    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
-
-
 def test_concurrent_queries_are_batched_and_each_gets_its_own_answer(client, index):
     texts = [f"a {c} {s}" for c in COLOURS for s in SHAPES] * 2
 

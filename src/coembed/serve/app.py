@@ -149,20 +149,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # --- the work: model, index, batching ------------------------------------------------------------
 
 
-def trim_padding(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
-    """Drop the columns after the last end-of-text token of the batch.
-
-    The text tower never lets a position before a row's end token see the padding after it
-    (causal mask, or the key-padding mask for bidirectional attention) and pools only up to
-    it, so the features are the same; a short query then costs its length, not 77 positions.
-    """
-    is_eot = tokens == eot_id  # (B, T)
-    if not bool(is_eot.any(1).all()):
-        return tokens  # a row was cut before its end token: it uses every position
-    last = int(is_eot.int().argmax(1).max())
-    return tokens[:, : last + 1]
-
-
 TextJob = tuple[str, int]  # (text, k): k = 0 wants the vector only
 TextAnswer = tuple[np.ndarray, list[int], list[float]]  # (vector (D,), ids, scores)
 
@@ -265,9 +251,10 @@ class SearchService:
 
     @torch.inference_mode()
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
-        """(N, D) unit rows, as ``Embedder.embed_texts`` gives them, without the padding's cost."""
+        """(N, D) unit rows, as ``Embedder.embed_texts`` gives them (the text tower itself skips
+        the padding after the batch's last end token, so a short query costs its length)."""
         embedder = self.embedder
-        tokens = trim_padding(embedder.tokenizer(texts), embedder.tokenizer.eot_id)
+        tokens = embedder.tokenizer(texts)
         features = embedder.model.encode_text(tokens.to(embedder.device))
         return features.float().cpu().numpy()
 
