@@ -58,11 +58,17 @@ def profile_run(run, steps: int = 10) -> dict:
     from coembed.train import train_step
 
     per_rank = run.per_rank_batch
-    batches = iter(
-        run.data.epoch_batches(
-            0, run.cfg.train.seed, per_rank, rank=run.dist.rank, world_size=run.dist.world
-        )
-    )
+
+    def endless():
+        # Small data runs out of batches within the profile: go on into the next epochs.
+        epoch = 0
+        while True:
+            yield from run.data.epoch_batches(
+                epoch, run.cfg.train.seed, per_rank, rank=run.dist.rank, world_size=run.dist.world
+            )
+            epoch += 1
+
+    batches = endless()
     first_images, first_captions = next(batches)
     flops = step_flops(run, first_images, first_captions)
     for _ in range(2):
@@ -71,11 +77,7 @@ def profile_run(run, steps: int = 10) -> dict:
     sync()
     start, done = time.perf_counter(), 0
     for _ in range(steps):
-        try:
-            images, captions = next(batches)
-        except StopIteration:
-            break
-        train_step(run, images, captions)
+        train_step(run, *next(batches))
         done += 1
     sync()
     seconds = (time.perf_counter() - start) / max(done, 1)

@@ -903,6 +903,14 @@ def train_from_args(args: argparse.Namespace) -> dict:
     """``coembed train``: build the run, loop, report. Returns the last validation metrics."""
     started = time.perf_counter()
     run = build_run(args)
+    if getattr(args, "profile", False):
+        from coembed.profile import format_profile, profile_run
+
+        result = profile_run(run)
+        if run.dist.main:
+            print(format_profile(result))
+            print(f"details: {run.output / 'profile.json'}, {run.output / 'profile.txt'}")
+        return result
     logger = Logger(run.output, run.dist.main, start_step=run.step)
     try:
         if run.dist.main:
