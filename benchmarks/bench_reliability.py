@@ -43,28 +43,21 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]
 
-from bench_serve import Connection, free_port, machine, start_server  # noqa: E402
+from bench_serve import Connection, free_port, start_server  # noqa: E402
+from machine import machine  # noqa: E402
 from tests.test_crash_safety import (  # noqa: E402
     assert_nothing_half_written,
     kill_after,
     kill_at_event,
     start,
 )
+from tests.test_train import TINY_SET as TRAIN_TINY_SET  # noqa: E402
 
 ENV = {**os.environ, "COEMBED_NO_PROGRESS": "1", "PYTHONPATH": str(REPO / "src")}
 RSS_BOUND_MB = 64.0  # allowed growth over the load (the query cache alone holds <= 4096 vectors)
+# The training tests' tiny model, checkpointing and logging every few steps, deterministic.
 TINY_SET = [
-    "model.image.width=8",
-    "model.image.image_size=32",
-    "model.text.width=32",
-    "model.text.layers=1",
-    "model.text.heads=2",
-    "model.embed_dim=32",
-    "model.image.heads=4",
-    "model.text.context_length=16",
-    "model.text.vocab_size=600",
-    "train.threads=1",
-    "data.workers=0",
+    *TRAIN_TINY_SET,
     "train.checkpoint_every=3",
     "train.log_every=1",
     "train.deterministic=true",

@@ -26,7 +26,6 @@ import asyncio
 import itertools
 import json
 import os
-import platform
 import re
 import socket
 import subprocess
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from machine import machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -204,17 +205,6 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> dict[str, floa
         "p99": float(np.percentile(ms, 99)),
         "rps": len(latencies) / wall,
     }
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line
-        )
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown"
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
