@@ -467,6 +467,9 @@ CLI_CASES = [
     cli("bad override", "NaN learning rate", [*TRAIN, "--train-data", "{data}/good.csv", "--set", "train.lr=nan"], 2, "train.lr"),
     cli("bad override", "impossible shape", [*TRAIN, "--train-data", "{data}/good.csv", "--set", "model.text.heads=5"], 2, "divisible"),
     cli("bad override", "unknown enum", [*TRAIN, "--train-data", "{data}/good.csv", "--set", "model.text.pool=median"], 2, "median"),
+    # icon themes (`coembed data icons`; broken and unrenderable icons: tests/test_icons_data.py)
+    cli("icon themes", "--root that does not exist", ["data", "icons", "--output", "{out}", "--root", "{root}/nope"], 1, "no such folder"),
+    cli("icon themes", "theme not installed", ["data", "icons", "--output", "{out}", "--themes", "NoSuchTheme", "Other", "Third"], 1, "not installed"),
     # command-line values
     cli("bad option value", "--k 0", [*SEARCH, "--k", "0", "red"], 2, "--k"),
     cli("bad option value", "--k 10**12", [*SEARCH, "--k", "1000000000000", "--json", "red"], 0, check=found(6)),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from coembed.data.synthetic import COLOURS, generate, generate_icons
+from coembed.data.synthetic import COLOURS, generate, generate_shapes
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data"
 
@@ -60,8 +60,8 @@ def test_captions_need_binding():
     assert len(templates) >= 5  # phrased several ways
 
 
-def test_icons(tmp_path):
-    classes = generate_icons(
+def test_shapes(tmp_path):
+    classes = generate_shapes(
         tmp_path, n_per_class=2, colours=("red", "blue"), shapes=("circle", "star")
     )
     assert classes == ["blue circle", "blue star", "red circle", "red star"]
@@ -71,7 +71,7 @@ def test_icons(tmp_path):
     a = pixels(tmp_path / "red circle" / "000.png").astype(int)
     vivid = a[(a.max(-1) - a.min(-1)) > 100]
     assert (vivid[:, 0] > vivid[:, 2]).mean() > 0.9
-    shipped = sorted(p.name for p in (SHIPPED / "icons").iterdir())
+    shipped = sorted(p.name for p in (SHIPPED / "shapes").iterdir())
     assert len(shipped) == 16 and all(
-        len(list((SHIPPED / "icons" / c).glob("*.png"))) == 16 for c in shipped
+        len(list((SHIPPED / "shapes" / c).glob("*.png"))) == 16 for c in shipped
     )

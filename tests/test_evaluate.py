@@ -209,12 +209,12 @@ def test_cli_zeroshot(tmp_path, tiny_model_dir, capsys):
     import coembed
     from coembed.cli import main
 
-    icons = SHIPPED.parent / "icons"
+    shapes = SHIPPED.parent / "shapes"
     classes = ["blue star", "red circle", "yellow square"]
     for name in classes:
         (tmp_path / "set" / name.replace(" ", "_")).mkdir(parents=True)
         for i in range(3):
-            shutil.copy(icons / name / f"{i:03d}.png", tmp_path / "set" / name.replace(" ", "_"))
+            shutil.copy(shapes / name / f"{i:03d}.png", tmp_path / "set" / name.replace(" ", "_"))
     (tmp_path / "t.txt").write_text("a {}\na picture of a {}\n")
     args = ["zeroshot", "--model", str(tiny_model_dir), "--data", str(tmp_path / "set")]
     assert main([*args, "--templates", str(tmp_path / "t.txt"), "--json", "--device", "cpu"]) == 0

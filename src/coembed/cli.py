@@ -123,14 +123,29 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.kind == "icons":
+        from coembed.data.icons import build_icon_dataset
+
+        report = build_icon_dataset(
+            args.output,
+            themes=args.themes,
+            roots=args.root,
+            size=args.size,
+            val_themes=args.val_themes,
+            test_themes=args.test_themes,
+            max_per_theme=args.max_per_theme,
+        )
+        print(report.table())
+        print(f"wrote {args.output}")
+        return 0
     from coembed.data import synthetic
 
-    if min(args.n_train, args.n_val) < 0:
-        raise UsageError("coembed data: --n-train and --n-val must be 0 or more")
     if args.kind == "synthetic":
+        if min(args.n_train, args.n_val) < 0:
+            raise UsageError("coembed data: --n-train and --n-val must be 0 or more")
         synthetic.generate(args.output, n_train=args.n_train, n_val=args.n_val, seed=args.seed)
     else:
-        synthetic.generate_icons(args.output, seed=args.seed)
+        synthetic.generate_shapes(args.output, seed=args.seed)
     print(f"wrote {args.output}")
     return 0
 
@@ -294,11 +309,71 @@ def build_parser() -> Parser:
     p.add_argument("--output", required=True, help="output folder")
 
     p = command("data", cmd_data, "build the example datasets")
-    p.add_argument("kind", choices=["synthetic", "icons"])
-    p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--n-train", type=int, default=3000)
-    p.add_argument("--n-val", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=Parser, required=True)
+    k = kinds.add_parser(
+        "synthetic",
+        help="captioned synthetic pictures (train.csv, val.csv), as shipped in data/synthetic",
+    )
+    k.add_argument("--output", required=True, help="output folder")
+    k.add_argument("--n-train", type=int, default=3000)
+    k.add_argument("--n-val", type=int, default=500)
+    k.add_argument("--seed", type=int, default=0)
+    k = kinds.add_parser(
+        "shapes",
+        help="a synthetic zero-shot folder (one sub-folder per class), as shipped in data/shapes",
+    )
+    k.add_argument("--output", required=True, help="output folder")
+    k.add_argument("--seed", type=int, default=0)
+    k = kinds.add_parser(
+        "icons",
+        help="a cross-theme retrieval set from the installed freedesktop icon themes",
+        description="Build an image-text retrieval set from the freedesktop icon themes "
+        "installed here (~/.local/share/icons, ~/.icons, $XDG_DATA_DIRS/icons, and --root): "
+        "one picture per theme and icon name, captioned from the name and its context "
+        '("audio volume high, status icon"). Whole themes are held out: by default the test '
+        "theme is the one with the most icon names that other themes also have, the "
+        "validation theme the next; all others train. Validation and test keep only names "
+        "the training themes have. Writes images/, train.csv, val.csv, test.csv, stats.json "
+        "and README.md.",
+    )
+    k.add_argument("--output", required=True, help="output folder (new, empty, or a rebuild)")
+    k.add_argument(
+        "--themes",
+        nargs="+",
+        default=None,
+        metavar="THEME",
+        help="themes to use, at least 3 (default: every installed theme but hicolor, locolor "
+        "and default)",
+    )
+    k.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another folder of icon themes, or one theme folder (repeatable)",
+    )
+    k.add_argument("--size", type=int, default=64, help="picture side in pixels (default 64)")
+    k.add_argument(
+        "--val-themes",
+        nargs="+",
+        default=[],
+        metavar="THEME",
+        help="validation themes (default: the theme with the second most shared names)",
+    )
+    k.add_argument(
+        "--test-themes",
+        nargs="+",
+        default=[],
+        metavar="THEME",
+        help="test themes (default: the theme with the most names other themes also have)",
+    )
+    k.add_argument(
+        "--max-per-theme",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep at most N pictures per theme, those whose names most themes share",
+    )
     return parser
 
 

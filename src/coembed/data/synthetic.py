@@ -369,17 +369,17 @@ def generate(
     return {"train": n_train, "val": n_val}
 
 
-ICON_COLOURS = ("red", "green", "blue", "yellow")
-ICON_SHAPES = ("circle", "square", "triangle", "star")
+SHAPES_SET_COLOURS = ("red", "green", "blue", "yellow")
+SHAPES_SET_SHAPES = ("circle", "square", "triangle", "star")
 
 
-def generate_icons(
+def generate_shapes(
     output_dir: str | os.PathLike,
     n_per_class: int = 16,
     image_size: int = 64,
     seed: int = 0,
-    colours: Sequence[str] = ICON_COLOURS,
-    shapes: Sequence[str] = ICON_SHAPES,
+    colours: Sequence[str] = SHAPES_SET_COLOURS,
+    shapes: Sequence[str] = SHAPES_SET_SHAPES,
 ) -> list[str]:
     """Write an image-folder classification set: one subfolder per class ("red circle", ...).
 
@@ -399,7 +399,7 @@ def generate_icons(
             classes.append(name)
             (out / name).mkdir(parents=True, exist_ok=True)
             for i in range(n_per_class):
-                # Split id 100+ keeps icon streams apart from the train/val pictures.
+                # Split id 100+ keeps these streams apart from the train/val pictures.
                 rng = _rng(seed, 100 + c * len(shapes) + s, i)
                 size, texture = _pick(rng, SIZES), _pick(rng, TEXTURES)
                 x, y = (v + rng.uniform(-0.04, 0.04) for v in POSITION_XY[_pick(rng, POSITIONS)])
