@@ -7,7 +7,7 @@ shipped captions tokenized by open_clip. Before timing, open_clip's model is loa
 coembed's weights and must give the same features, so both compute one function.
 
 Each side runs its own trainer's step: coembed as ``coembed.train`` does it (channels_last model
-and images, foreach AdamW, gradient clipping at 1.0), open_clip as ``open_clip_train`` does it
+and images, fused AdamW, gradient clipping at 1.0), open_clip as ``open_clip_train`` does it
 (NCHW, ``torch.optim.AdamW`` with default settings, no clipping). A third column runs open_clip's
 model in channels_last for reference. The sides alternate round by round, so a busy machine slows
 them alike; each figure is the median over rounds.

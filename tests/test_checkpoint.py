@@ -106,3 +106,39 @@ def test_cli_reports_a_bad_model_dir_in_one_line(tmp_path):
         "eval", "--model", str(tmp_path / "missing"), "--data", str(tmp_path / "data.csv")
     )
     assert_one_line_error(proc, code=1, contains="missing")
+
+
+def test_optimizer_state_round_trip_keeps_channels_last_moments(tmp_path):
+    """Moments saved (contiguous) and restored take their channels_last parameter's layout back,
+    so the next fused AdamW step is the one an uninterrupted optimizer takes, bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    from coembed.model import CoEmbed
+    from coembed.train import make_optimizer, optimizer_tensors, restore_optimizer
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    models = [CoEmbed(cfg.model).to(memory_format=torch.channels_last) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [make_optimizer(m, cfg, torch.device("cpu")) for m in models]
+
+    def step(i: int) -> None:
+        for m, opt in zip(models, opts):
+            gen = torch.Generator().manual_seed(i)
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).contiguous(
+                    memory_format=torch.channels_last if p.ndim == 4 else torch.contiguous_format
+                )
+            opt.step()
+
+    step(0)
+    tensors, meta = optimizer_tensors(opts[1])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "opt.safetensors")
+    opts[1] = make_optimizer(models[1], cfg, torch.device("cpu"))
+    restore_optimizer(opts[1], load_file(tmp_path / "opt.safetensors"), meta)
+    conv = next(p for p in models[1].parameters() if p.ndim == 4)
+    assert opts[1].state[conv]["exp_avg"].stride() == conv.stride()
+    step(1)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)

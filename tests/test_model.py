@@ -9,7 +9,7 @@ import torch
 
 from coembed.config import load_config
 from coembed.model import CoEmbed
-from coembed.towers.layers import sinusoidal_table
+from coembed.towers.layers import HalvingAvgPool, sinusoidal_table
 from tests.conftest import TINY, tiny_clip_model, tiny_config
 
 
@@ -237,3 +237,20 @@ def test_text_tower_skips_the_padding_after_the_last_end_token():
         short = model.encode_text(tokens[:, :7])
     assert seen == [7, 7]  # the tower really ran on 7 positions, not 16
     torch.testing.assert_close(short, full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size", [(16, 16), (6, 10), (7, 8)])
+def test_halving_avg_pool_is_avg_pool2d_exactly(size, channels_last):
+    """Same outputs, same gradients bit for bit, same memory format (odd sizes use ATen's op)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, *size, generator=gen).contiguous(memory_format=fmt)
+    grad = torch.randn(3, 5, size[0] // 2, size[1] // 2, generator=gen)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_ref = HalvingAvgPool()(ours), torch.nn.functional.avg_pool2d(ref, 2)
+    (y_ours * grad).sum().backward()
+    (y_ref * grad).sum().backward()
+    assert torch.equal(y_ours, y_ref)
+    assert torch.equal(ours.grad, ref.grad)
+    assert ours.grad.is_contiguous(memory_format=fmt)

@@ -147,9 +147,15 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch
         {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
     ]
     t = cfg.train
-    # Fused AdamW is one kernel per step on CUDA; on the CPU the foreach path is the fast one.
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **fast)
+    settings = {"lr": t.lr, "betas": (t.beta1, t.beta2), "eps": t.eps}
+    # Fused AdamW updates each parameter in one vectorized pass, on CUDA and (torch >= 2.4) on
+    # the CPU too, where the foreach path allocates and faults in temporaries for every
+    # intermediate: on 2 cores the step over the tiny recipe's 12.4M parameters (CLIP vocabulary)
+    # took 13 ms fused against 37 ms foreach.
+    try:
+        return torch.optim.AdamW(groups, fused=True, **settings)
+    except (RuntimeError, TypeError):  # an older torch without a fused kernel for this device
+        return torch.optim.AdamW(groups, foreach=True, **settings)
 
 
 def learning_rate(step: int, total: int, cfg: Config) -> float:
@@ -180,9 +186,16 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 def restore_optimizer(
     opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
 ) -> None:
+    params = [p for group in opt.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, key = name.split(".", 1)
+        param = params[int(idx)] if int(idx) < len(params) else None
+        if torch.is_tensor(value) and param is not None and value.shape == param.shape:
+            # Moments take their parameter's memory layout back (channels_last convolution
+            # weights): safetensors stores them contiguous, and the fused kernel pairs the
+            # elements of a parameter, its gradient and its moments by position in memory.
+            value = torch.empty_like(param, dtype=value.dtype).copy_(value)
         state.setdefault(int(idx), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 

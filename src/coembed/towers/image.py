@@ -9,7 +9,14 @@ from torch import nn
 
 from coembed.config import ImageConfig
 from coembed.errors import ConfigError
-from coembed.towers.layers import AttentionPool2d, image_pool
+from coembed.towers.layers import AttentionPool2d, HalvingAvgPool, image_pool
+
+
+def pool(stride: int) -> nn.Module:
+    """The anti-aliasing average pool of a block with this stride (CLIP's blocks use 1 or 2)."""
+    if stride == 1:
+        return nn.Identity()
+    return HalvingAvgPool() if stride == 2 else nn.AvgPool2d(stride)
 
 
 class Bottleneck(nn.Module):
@@ -23,7 +30,7 @@ class Bottleneck(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.avgpool = pool(stride)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
@@ -33,7 +40,7 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(
                 OrderedDict(
                     [
-                        ("-1", nn.AvgPool2d(stride)),
+                        ("-1", pool(stride)),
                         ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
                         ("1", nn.BatchNorm2d(planes * self.expansion)),
                     ]
@@ -62,7 +69,7 @@ class ModifiedResNetTrunk(nn.Module):
         self.bn2 = nn.BatchNorm2d(width // 2)
         self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
-        self.avgpool = nn.AvgPool2d(2)
+        self.avgpool = HalvingAvgPool()
         self.relu = nn.ReLU(inplace=True)
         stages = []
         inplanes = width

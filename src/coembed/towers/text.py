@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from coembed.config import TextConfig
-from coembed.towers.layers import Block, pool_tokens, positional_encoding
+from coembed.towers.layers import Block, eager, pool_tokens, positional_encoding
 
 
 class TextTower(nn.Module):
@@ -52,11 +52,7 @@ class TextTower(nn.Module):
         # out of attention and pooling), so drop those columns: captions are usually far shorter
         # than the context, and attention and MLP costs shrink with them.
         # Exporters and compilers want static shapes, so they keep the full context.
-        if not (
-            torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling()
-        ):
+        if eager():
             tokens = tokens[:, : int(eot.max()) + 1]
         B, T = tokens.shape
         valid = torch.arange(T, device=tokens.device)[None, :] <= eot[:, None]  # (B, T)
