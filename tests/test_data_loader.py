@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 from coembed.data.cache import decode_images, decode_square
 from coembed.data.formats import Record
 from coembed.data.images import open_image
-from coembed.data.loader import PairData, iter_image_batches
+from coembed.data.loader import PairData, iter_image_batches, prefetched
 from coembed.data.transforms import eval_transform
 from coembed.errors import DataError
 
@@ -163,3 +164,34 @@ def test_iter_image_batches(tmp_path):
     with_workers = list(iter_image_batches(sources, SIZE, batch_size=2, num_workers=2))
     assert torch.equal(torch.cat([x for x, _, _ in with_workers]), pixels)
     assert sum((o for _, o, _ in with_workers), []) == ok
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetched_keeps_order_and_raises_where_the_item_failed(depth):
+    def items():
+        yield from range(5)
+        raise DataError("batch 5 is unreadable")
+
+    seen = []
+    with pytest.raises(DataError, match="batch 5"), prefetched(items(), depth) as ready:
+        for x in ready:
+            seen.append(x)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_prefetched_stops_its_thread_and_closes_the_generator_when_left_early():
+    made, closed = [], threading.Event()
+
+    def items():
+        try:
+            for i in range(1000):
+                made.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    with prefetched(items(), depth=2) as ready:
+        assert next(ready) == 0
+    assert closed.is_set()
+    assert len(made) <= 4  # the consumed item, the queue's two, and the one being put
+    assert not any(t.name == "coembed-prefetch" for t in threading.enumerate())

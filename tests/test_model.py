@@ -227,16 +227,22 @@ def test_tiny_fixture_is_really_tiny():
     assert cfg.model.image.image_size == 32 and "model.embed_dim=32" in TINY
 
 
-def test_text_tower_skips_the_padding_after_the_last_end_token():
+def test_text_tower_runs_only_on_the_real_tokens():
+    """Columns after the batch's last end token are dropped and the padding of shorter rows is
+    packed away: the projections see 4 + 7 tokens, not 2 x 16, and the features are those of
+    each caption encoded alone (no padding at all)."""
     model = tiny_clip_model().eval()
-    tokens = tokens_for([2, 5])  # the longest row ends at position 6 of 16
+    tokens = tokens_for([2, 5])  # end tokens at positions 3 and 6 of 16
     seen = []
-    model.text.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    qkv = model.text.blocks[0].attn.qkv
+    qkv.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:-1])))
     with torch.no_grad():
-        full = model.encode_text(tokens)
-        short = model.encode_text(tokens[:, :7])
-    assert seen == [7, 7]  # the tower really ran on 7 positions, not 16
-    torch.testing.assert_close(short, full, atol=1e-6, rtol=0)
+        batch = model.encode_text(tokens)
+        alone = torch.cat(
+            [model.encode_text(tokens[i : i + 1, : n + 2]) for i, n in enumerate([2, 5])]
+        )
+    assert seen == [(11,), (1, 4), (1, 7)]
+    torch.testing.assert_close(batch, alone, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -85,6 +85,7 @@ class DataConfig:
     workers: int = 2
     augment: bool = True
     crop_scale_min: float = 0.8
+    prefetch: int = 1  # training batches prepared ahead in a background thread (0: in place)
 
 
 @dataclass
@@ -277,6 +278,8 @@ def validate(cfg: Config) -> Config:
         cfg.model.init_logit_bias = -10.0
     if not 0 < cfg.data.crop_scale_min <= 1:
         raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {cfg.data.crop_scale_min}")
+    if cfg.data.workers < 0 or cfg.data.prefetch < 0:
+        raise ConfigError("data.workers and data.prefetch must not be negative")
     return cfg
 
 

@@ -17,9 +17,13 @@ decode each batch. Either way the random resized crop runs batched (``train_augm
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +37,61 @@ from coembed.data.transforms import eval_from_uint8, eval_transform, train_augme
 from coembed.errors import DataError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_END = object()
+
+
+@contextlib.contextmanager
+def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[Iterator[T]]:
+    """Iterate ``items`` in a background thread, up to ``depth`` items ahead of the consumer.
+
+    Training uses it to gather, crop and normalize the next batch while the current step runs
+    (PyTorch's kernels release the GIL); with ``depth`` 0 the items are made in place. An
+    exception raised while making an item is raised again at the consumer, in order. Leaving
+    the block early stops the thread before it touches the iterator again.
+    """
+    if depth <= 0:
+        yield iter(items)
+        return
+    made: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        made.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            made.put((_END, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            made.put((_END, exc))
+
+    def consume() -> Iterator[T]:
+        while True:
+            item, exc = made.get()
+            if exc is not None:
+                raise exc
+            if item is _END:
+                return
+            yield item
+
+    worker = threading.Thread(target=produce, name="coembed-prefetch", daemon=True)
+    worker.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                made.get(timeout=0.1)
+        if hasattr(items, "close"):
+            items.close()  # the generator is ours again: finish it (closes DataLoader workers)
 
 
 def epoch_permutation(num_pairs: int, seed: int, epoch: int) -> Tensor:

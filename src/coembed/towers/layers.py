@@ -131,6 +131,24 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out(y)
 
+    def forward_packed(
+        self, x: torch.Tensor, rows: torch.Tensor, B: int, T: int, mask, causal: bool
+    ) -> torch.Tensor:
+        """Attention over packed tokens: ``x`` (N, C) holds rows ``rows`` of the (B*T, C) batch.
+
+        The projections run on the N real tokens only; attention itself runs on the padded
+        (B, T) layout, where the missing positions are zeros that no real token attends to
+        (they lie after every real token of their row, behind the causal or padding mask).
+        """
+        C = x.shape[1]
+        qkv = x.new_zeros(B * T, 3 * C).index_copy(0, rows, self.qkv(x))
+        q, k, v = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None
+        )
+        y = y.transpose(1, 2).reshape(B * T, C).index_select(0, rows)  # (N, C)
+        return self.out(y)
+
 
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, act: str):
@@ -157,6 +175,13 @@ class Block(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask=mask, causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_packed(
+        self, x: torch.Tensor, rows: torch.Tensor, B: int, T: int, mask, causal: bool
+    ) -> torch.Tensor:
+        """The block on packed tokens (see ``SelfAttention.forward_packed``): (N, C) -> (N, C)."""
+        x = x + self.attn.forward_packed(self.ln_1(x), rows, B, T, mask, causal)
         return x + self.mlp(self.ln_2(x))
 
 

@@ -61,9 +61,19 @@ class TextTower(nn.Module):
         # With a causal mask nothing before the end token can see the padding after it, so the
         # fast is_causal path is exact; bidirectional attention needs the key-padding mask.
         mask = None if causal else valid[:, None, None, :]  # (B, 1, 1, T)
-        for block in self.blocks:
-            x = block(x, mask=mask, causal=causal)
-        x = self.ln_final(x)
+        rows = valid.flatten().nonzero().squeeze(1) if eager() else None
+        if rows is not None and len(rows) < B * T:
+            # Packed: LayerNorms, projections and MLPs (most of the tower's work) run on the
+            # real tokens only, not on the padding of captions shorter than the longest one.
+            C = x.shape[-1]
+            h = x.reshape(B * T, C).index_select(0, rows)  # (N, C)
+            for block in self.blocks:
+                h = block.forward_packed(h, rows, B, T, mask, causal)
+            x = h.new_zeros(B * T, C).index_copy(0, rows, self.ln_final(h)).view(B, T, C)
+        else:
+            for block in self.blocks:
+                x = block(x, mask=mask, causal=causal)
+            x = self.ln_final(x)
         return self.proj(pool_tokens(x, self.cfg.pool, eot, valid))
 
     def lock(self, unlocked_layers: int = 0) -> None:
