@@ -23,10 +23,16 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _logits(
+    rows: torch.Tensor, others: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Scaled similarities of this rank's ``rows`` (B, D) to every rank's ``others``: (B, W*B)."""
+    logits = scale * rows @ gather_with_grad(others).T
+    return logits if bias is None else logits + bias
 
 
 class ClipLoss(nn.Module):
@@ -39,16 +45,10 @@ class ClipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        rank, world = _rank_and_world()
-        all_images = gather_with_grad(image_features)
-        all_texts = gather_with_grad(text_features)
-        logits_per_image = logit_scale * image_features @ all_texts.T  # (B, W*B)
-        logits_per_text = logit_scale * text_features @ all_images.T  # (B, W*B)
-        if logit_bias is not None:
-            logits_per_image = logits_per_image + logit_bias
-            logits_per_text = logits_per_text + logit_bias
+        logits_per_image = _logits(image_features, text_features, logit_scale, logit_bias)
+        logits_per_text = _logits(text_features, image_features, logit_scale, logit_bias)
         B = image_features.shape[0]
-        labels = torch.arange(B, device=image_features.device) + rank * B
+        labels = torch.arange(B, device=image_features.device) + _rank() * B
         return (
             F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
         ) / 2
@@ -64,16 +64,12 @@ class SigLipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        rank, world = _rank_and_world()
-        all_texts = gather_with_grad(text_features)
-        logits = logit_scale * image_features @ all_texts.T  # (B, W*B)
-        if logit_bias is not None:
-            logits = logits + logit_bias
+        logits = _logits(image_features, text_features, logit_scale, logit_bias)
         B = image_features.shape[0]
         # +1 on this rank's diagonal (the matching pairs), -1 everywhere else.
         labels = -torch.ones_like(logits)
         idx = torch.arange(B, device=logits.device)
-        labels[idx, idx + rank * B] = 1.0
+        labels[idx, idx + _rank() * B] = 1.0
         return -F.logsigmoid(labels * logits).sum() / B
 
 
