@@ -282,3 +282,22 @@ def test_hook_sees_every_rename_of_a_save(tmp_path):
     events = [line[3:] for line in err.splitlines() if line.startswith("@@ ")]
     names = [Path(e.split(" ", 1)[1]).name for e in events if e.startswith("before")]
     assert names == ["index-000002.faiss", "items-000002.json", "index.json", "skipped.txt"], err
+
+
+def test_a_restarted_run_removes_the_temporaries_a_kill_left_at_its_top(tmp_path):
+    """``atomic_write``'s temporaries (a kill between writing and renaming) are deleted when the
+    run starts again; anything else in the folder, hidden or not, stays."""
+    import tempfile
+
+    from coembed.checkpoint import is_atomic_temporary
+    from coembed.train import remove_leftovers
+
+    fd, left = tempfile.mkstemp(prefix=".model.safetensors.", suffix=".tmp", dir=tmp_path)
+    os.close(fd)
+    keep = [tmp_path / n for n in (".notes.tmp", "model.safetensors", ".config.json.swp")]
+    for p in keep:
+        p.write_text("mine")
+    assert is_atomic_temporary(Path(left).name)
+    remove_leftovers(tmp_path)
+    assert not Path(left).exists()
+    assert all(p.read_text() == "mine" for p in keep)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ PREPROCESS_FILE = "preprocess.json"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, PREPROCESS_FILE)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def is_atomic_temporary(name: str) -> bool:
+    """Whether ``name`` is one of ``atomic_write``'s temporaries (``.<name>.<8 chars>.tmp``)."""
+    return re.fullmatch(r"\..+\.[A-Za-z0-9_]{8}\.tmp", name) is not None
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

@@ -38,6 +38,7 @@ from coembed.checkpoint import (
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     atomic_write_text,
+    is_atomic_temporary,
     load_model_dir,
     load_state_strict,
     save_model_dir,
@@ -224,12 +225,17 @@ def checkpoint_dirs(output: Path) -> list[Path]:
 
 
 def remove_leftovers(output: Path) -> None:
-    """Delete what a killed run left half-done: checkpoints being written or being deleted."""
+    """Delete what a killed run left half-done: checkpoints being written or being deleted, and
+    the temporaries of files being replaced at the top of the run folder (the model directory,
+    metrics)."""
     root = output / CHECKPOINTS
     if root.is_dir():
         for p in root.iterdir():
             if p.name.startswith((".tmp-", ".del-")):
                 shutil.rmtree(p, ignore_errors=True)
+    for p in output.iterdir() if output.is_dir() else ():
+        if p.is_file() and is_atomic_temporary(p.name):
+            p.unlink(missing_ok=True)
 
 
 def save_checkpoint(run: TrainRun) -> Path:
