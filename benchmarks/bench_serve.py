@@ -26,7 +26,6 @@ import asyncio
 import itertools
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -37,9 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from machine import machine
+from results import RESULTS, write_section
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 SECTION = "## Server load"
 TARGET_SINGLE_P50_MS = 10.0
 TARGET_RPS_32 = 200.0
@@ -207,19 +205,6 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> dict[str, floa
     }
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace the ``## Server load`` section of RESULTS.md (or append it); others stay as they are."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text, old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000, help="vectors in the index")
@@ -318,7 +303,7 @@ costs {many["server_cpu_ms"]:.1f} ms of server CPU at {c} clients against {singl
 at {c} clients is queueing: {c} requests in flight at {many["rps"]:,.0f}/s.
 """
     if not args.no_write:
-        write_section(section)
+        write_section(SECTION, section)
         print(f"wrote the {SECTION!r} section of {RESULTS}")
 
 

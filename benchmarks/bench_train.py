@@ -27,217 +27,53 @@ apart, since coembed's includes building its image cache once.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import platform
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from machine import machine
+from trainers import (
+    CLIP_TOKENIZER,
+    ROOT,
+    absolute_csv,
+    coembed_command,
+    openclip_command,
+    openclip_trainer_missing,
+    time_coembed,
+    time_openclip,
+    write_openclip_launcher,
+)
+
 DATA = ROOT / "data" / "synthetic" / "train.csv"
-MODEL_NAME = "coembed-tiny-bench"
 TARGET_RATIO = 2.0
 PASSIVE = "open_clip, OMP_WAIT_POLICY=PASSIVE"
 LOG_EVERY = 2
-
-LAUNCHER = """\
-import sys
-import open_clip
-from open_clip_train.main import main
-open_clip.add_model_config(sys.argv[1])
-main(sys.argv[2:])
-"""
-
-OPENCLIP_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/")
+BATCH = 128
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def openclip_config() -> dict:
-    """open_clip's model config for coembed's tiny recipe with CLIP's tokenizer."""
-    from coembed.config import load_config
-    from coembed.interop.openclip import openclip_model_config
-
-    cfg = load_config(
-        "tiny", ["model.tokenizer=clip", "model.text.vocab_size=49408", "model.text.eot_id=49407"]
-    )
-    return openclip_model_config(cfg.model)
-
-
-def absolute_csv(out: Path) -> Path:
-    """open_clip reads paths relative to its cwd: write the CSV with absolute image paths."""
-    with open(DATA, newline="") as f:
-        rows = list(csv.DictReader(f))
-    path = out / "train_abs.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["filepath", "caption"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({"filepath": str(DATA.parent / r["filepath"]), "caption": r["caption"]})
-    return path
-
-
-class Run:
-    """A trainer subprocess whose output lines are timestamped as they arrive."""
-
-    def __init__(self, cmd: list[str], cwd: Path, env: dict) -> None:
-        self.started = time.perf_counter()
-        self.lines: list[tuple[float, str]] = []
-        self.proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append((time.perf_counter(), line.rstrip("\n")))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.reader.join(5)
-
-    def tail(self, n: int = 15) -> str:
-        return "\n".join(line for _, line in self.lines[-n:])
-
-
-def wait_then_stop(run: Run, first_step, budget: float, timeout: float = 900) -> float:
-    """Wait for the first logged step, let the run go on for ``budget`` s, stop it.
-    Returns the start-up time (process start to first logged step)."""
-    deadline = time.perf_counter() + timeout
-    while (t0 := first_step()) is None:
-        if run.proc.poll() is not None or time.perf_counter() > deadline:
-            run.stop()
-            raise RuntimeError(f"trainer ended before its first step:\n{run.tail()}")
-        time.sleep(0.2)
-    while time.perf_counter() < t0 + budget and run.proc.poll() is None:
-        time.sleep(0.2)
-    run.stop()
-    return t0 - run.started
-
-
-def run_openclip(work: Path, csv_path: Path, config: Path, budget: float, env: dict) -> dict:
-    launcher = work / "launch_open_clip.py"
-    launcher.write_text(LAUNCHER)
+def run_openclip(work: Path, csv_path: Path, budget: float, env: dict) -> dict:
+    launcher, config = write_openclip_launcher(work)
     logs = Path(tempfile.mkdtemp(prefix="oc-", dir=work))
-    cmd = [
-        sys.executable,
-        str(launcher),
-        str(config),
-        "--train-data", str(csv_path),
-        "--dataset-type", "csv",
-        "--csv-img-key", "filepath",
-        "--csv-caption-key", "caption",
-        "--csv-separator", ",",
-        "--model", MODEL_NAME,
-        "--batch-size", "128",
-        "--epochs", "1000",
-        "--lr", "1e-3",
-        "--wd", "0.1",
-        "--warmup", "50",
-        "--workers", "2",
-        "--precision", "fp32",
-        "--device", "cpu",
-        "--log-every-n-steps", str(LOG_EVERY),
-        "--save-frequency", "0",
-        "--logs", str(logs),
-        "--name", "bench",
-        "--seed", "0",
-    ]  # fmt: skip
-    run = Run(cmd, work, env)
-
-    def steps() -> list[tuple[float, int]]:
-        out = []
-        for t, line in run.lines:
-            m = OPENCLIP_LINE.search(line)
-            if m:
-                out.append((t, int(m.group(1)), int(m.group(2))))
-        # Global step from (epoch, samples into the epoch): 3000 // 128 = 23 steps per epoch.
-        per_epoch = 3000 // 128
-        return [(t, e * per_epoch + n // 128) for t, e, n in out]
-
-    def first_step():
-        s = steps()
-        return s[0][0] if s else None
-
-    startup = wait_then_stop(run, first_step, budget)
-    s = steps()
-    if len(s) < 3:
-        raise RuntimeError(f"open_clip logged too few steps in the budget:\n{run.tail()}")
-    (t0, k0), (t1, k1) = s[1], s[-1]  # skip the first window (warm-up)
-    return {"samples_per_s": (k1 - k0) * 128 / (t1 - t0), "steps": k1, "startup_s": startup}
+    cmd = openclip_command(
+        launcher, config, csv_path, logs,
+        epochs=1000, lr=1e-3, wd=0.1, warmup=50, batch_size=BATCH, log_every=LOG_EVERY,
+        extra=["--save-frequency", "0"],
+    )  # fmt: skip
+    # 3000 // 128 = 23 steps per epoch.
+    return time_openclip(cmd, env, budget, steps_per_epoch=3000 // BATCH, batch_size=BATCH)
 
 
 def run_coembed(work: Path, budget: float, env: dict, cache: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix="ce-", dir=work)) / "run"
-    cmd = [
-        sys.executable, "-m", "coembed", "train",
-        "--config", "tiny",
-        "--train-data", str(DATA),
-        "--output", str(out),
-        "--steps", "100000",
-        "--set", "model.tokenizer=clip",
-        "--set", "model.text.vocab_size=49408",
-        "--set", f"train.log_every={LOG_EVERY}",
-        "--set", "train.checkpoint_every=100000",
-        "--set", "train.precision=fp32",
-        "--set", "train.device=cpu",
-        "--set", f"data.cache_dir={cache}",
-    ]  # fmt: skip
-    run = Run(cmd, ROOT, {**env, "COEMBED_NO_PROGRESS": "1"})
-    metrics = out / "metrics.jsonl"
-
-    def logged() -> list[dict]:
-        try:
-            lines = metrics.read_text().splitlines()
-        except OSError:
-            return []
-        rows = []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line being written
-                continue
-            if "samples_per_s" in row:
-                rows.append(row)
-        return rows
-
-    seen: dict[str, float] = {}
-
-    def first_step():
-        if "t" not in seen and logged():
-            seen["t"] = time.perf_counter()
-        return seen.get("t")
-
-    startup = wait_then_stop(run, first_step, budget)
-    rows = logged()[1:]  # skip the first window (warm-up)
-    if len(rows) < 2:
-        raise RuntimeError(f"coembed logged too few steps in the budget:\n{run.tail()}")
-    samples = LOG_EVERY * 128 * len(rows)
-    seconds = sum(LOG_EVERY * 128 / r["samples_per_s"] for r in rows)
-    return {"samples_per_s": samples / seconds, "steps": rows[-1]["step"], "startup_s": startup}
+    overrides = [
+        *CLIP_TOKENIZER,
+        f"train.log_every={LOG_EVERY}",
+        "train.checkpoint_every=100000",
+        f"data.cache_dir={cache}",
+    ]
+    cmd = coembed_command(DATA, out, overrides, steps=100000)
+    return time_coembed(cmd, out, env, budget, LOG_EVERY, batch_size=BATCH)
 
 
 def main() -> None:
@@ -248,13 +84,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = 1, 60.0
-    try:
-        import open_clip_train.main  # noqa: F401
-    except ImportError as exc:
-        print(
-            f"bench_train: skipped, open_clip's trainer cannot be imported ({exc}); "
-            "install open_clip_torch's training extras: pip install braceexpand pandas webdataset"
-        )
+    missing = openclip_trainer_missing()
+    if missing:
+        print(f"bench_train: skipped, {missing}")
         return
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -262,20 +94,18 @@ def main() -> None:
     results: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
-        config = work / f"{MODEL_NAME}.json"
-        config.write_text(json.dumps(openclip_config(), indent=2))
-        csv_path = absolute_csv(work)
+        csv_path = absolute_csv(DATA, work / "train_abs.csv")
         cache = work / "cache"
         load = [os.getloadavg()[0]]
         for r in range(args.rounds):
             for side in sides:
                 if side == "open_clip":
-                    res = run_openclip(work, csv_path, config, args.seconds, env)
+                    res = run_openclip(work, csv_path, args.seconds, env)
                 elif side == PASSIVE:
                     # What coembed sets for itself, given to open_clip too (a value set by the
                     # user for the whole benchmark wins, as in coembed).
                     passive = {"OMP_WAIT_POLICY": "PASSIVE", **env}
-                    res = run_openclip(work, csv_path, config, args.seconds, passive)
+                    res = run_openclip(work, csv_path, args.seconds, passive)
                 else:
                     res = run_coembed(work, args.seconds, env, cache)
                 results[side].append(res)
@@ -294,7 +124,7 @@ def main() -> None:
         f"{args.rounds} round(s) x {args.seconds:.0f} s per side, alternating"
     )
     print(
-        f"machine: {cpu_name()}, {os.cpu_count()} CPUs, load average "
+        f"machine: {machine()}, load average "
         f"{min(load):.1f}-{max(load):.1f} during the run; "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} in the environment\n"
     )

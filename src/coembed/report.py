@@ -2,17 +2,18 @@
 
 ``write_report`` makes, in a report folder: the training loss curve (with validation recall per
 epoch), recall@K bars for both directions, a text x image similarity heat map, and a contact
-sheet of text queries next to their top-5 images.
+sheet of text queries next to their top-5 images. ``comparison_sheet`` sets several models' top
+results for the same queries side by side, with the right answers framed.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from coembed.checkpoint import atomic_write
 
@@ -111,30 +112,82 @@ def plot_similarity(similarity: np.ndarray, captions: Sequence[str], path: Path)
     return _save(fig, path)
 
 
+# A result in a contact sheet: (image path, score), or (image path, score, label under it).
+Result = tuple
+
+
+def _wrap(text: str, chars: int) -> list[str]:
+    """Greedy word wrap to lines of about ``chars`` characters."""
+    line, lines = "", []
+    for word in text.split():
+        if line and len(line) + len(word) > chars:
+            lines.append(line)
+            line = ""
+        line = f"{line} {word}".strip()
+    return [*lines, line]
+
+
 def contact_sheet(
-    rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], path: Path, thumb: int = 96
+    rows: Sequence[tuple[str, Sequence[Result]]], path: Path, thumb: int = 96
 ) -> Path:
     """One row per query: the query text, then its top results as thumbnails with scores."""
-    label_w, pad = 260, 6
-    cols = max((len(results) for _, results in rows), default=0)
-    width = label_w + cols * (thumb + pad) + pad
-    height = len(rows) * (thumb + 22 + pad) + pad
-    sheet = Image.new("RGB", (width, height), "white")
+    return comparison_sheet([q for q, _ in rows], {"": [r for _, r in rows]}, path, thumb=thumb)
+
+
+def comparison_sheet(
+    queries: Sequence[str],
+    results: Mapping[str, Sequence[Sequence[Result]]],
+    path: Path,
+    correct: Sequence[Collection[str]] | None = None,
+    thumb: int = 96,
+    title: str = "",
+) -> Path:
+    """One row per query, then one block of thumbnails per model, side by side.
+
+    ``results`` maps a model's name (the heading of its block; "" for none) to its top results
+    for each query, in query order. ``correct[i]``, if given, holds the image paths that answer
+    query ``i``: those thumbnails get a green frame. Returns ``path`` (a PNG)."""
+    label_w, pad, gap, frame = 260, 6, 18, 3
+    font = ImageFont.load_default()
+    line_h = font.getbbox("Ag")[3] + 3
+    labelled = any(len(r) > 2 for block in results.values() for rs in block for r in rs)
+    cell_h = thumb + line_h * (2 if labelled else 1) + 4
+    row_h = cell_h + pad
+    cols = max((len(rs) for block in results.values() for rs in block), default=0)
+    block_w = cols * (thumb + pad)
+    head_h = (line_h * (len(title.splitlines()) + 1) if title else 0) + (
+        line_h + 4 if any(results) else 0
+    )
+    width = label_w + len(results) * block_w + (len(results) - 1) * gap + pad
+    sheet = Image.new("RGB", (width, head_h + len(queries) * row_h + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, (query, results) in enumerate(rows):
-        y = pad + r * (thumb + 22 + pad)
-        words, line, lines = query.split(), "", []
-        for word in words:  # wrap the query text into the label column
-            if len(line) + len(word) > 34:
-                lines.append(line)
-                line = ""
-            line = f"{line} {word}".strip()
-        lines.append(line)
-        draw.multiline_text((pad, y + 4), "\n".join(lines[:5]), fill="black")
-        for c, (item, score) in enumerate(results):
-            x = label_w + c * (thumb + pad)
-            with Image.open(item) as img:
-                sheet.paste(img.convert("RGB").resize((thumb, thumb)), (x, y))
-            draw.text((x, y + thumb + 3), f"{score:.3f}", fill="#333333")
+    if title:
+        draw.multiline_text((pad, pad), title, fill="black", font=font)
+    for b, name in enumerate(results):
+        draw.text(
+            (label_w + b * (block_w + gap), head_h - line_h - 2), name, fill="black", font=font
+        )
+    for r, query in enumerate(queries):
+        y = head_h + pad + r * row_h
+        draw.multiline_text((pad, y + 4), "\n".join(_wrap(query, 34)[:5]), fill="black", font=font)
+        for b, block in enumerate(results.values()):
+            x0 = label_w + b * (block_w + gap)
+            if b:  # a rule between the models' blocks
+                draw.line([(x0 - gap // 2, y), (x0 - gap // 2, y + cell_h)], fill="#bbbbbb")
+            for c, (item, score, *label) in enumerate(block[r]):
+                x = x0 + c * (thumb + pad)
+                with Image.open(item) as img:
+                    sheet.paste(img.convert("RGB").resize((thumb, thumb)), (x, y))
+                if correct is not None and item in correct[r]:
+                    box = [x - 1, y - 1, x + thumb, y + thumb]
+                    draw.rectangle(box, outline="#1a9641", width=frame)
+                text = f"{score:.3f}"
+                if label:
+                    # Cut the label to the thumbnail's width.
+                    words = str(label[0])
+                    while words and font.getlength(words) > thumb:
+                        words = words[:-1]
+                    text += "\n" + words
+                draw.multiline_text((x, y + thumb + 3), text, fill="#333333", font=font)
     atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
     return path
