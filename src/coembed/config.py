@@ -115,6 +115,7 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = True
     threads: int = 0
+    reuse_memory: bool = True
     deterministic: bool = False
 
 

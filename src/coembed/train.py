@@ -51,7 +51,7 @@ from coembed.config import (
     load_config,
     validate,
 )
-from coembed.device import autocast_dtype, resolve_device
+from coembed.device import autocast_dtype, keep_freed_memory, resolve_device
 from coembed.errors import CoembedError, DataError, UsageError
 from coembed.loss import make_loss
 from coembed.model import CoEmbed
@@ -725,8 +725,11 @@ def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
 
 
 def set_threads(cfg: Config) -> None:
+    """Threads, the allocator and determinism, for the whole process."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.reuse_memory:
+        keep_freed_memory()
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
 
