@@ -24,8 +24,9 @@ What is compared, in one run, one training at a time:
 Fairness:
 
 - the same batch (128), data, architecture and per-epoch validation on both sides; OpenMP threads
-  wait passively on both (``OMP_WAIT_POLICY=PASSIVE``, which coembed sets for itself; spinning
-  threads cost open_clip most on a shared machine), unless the environment sets it;
+  wait passively on both (``OMP_WAIT_POLICY=PASSIVE``, which coembed chooses for itself when
+  other work shares the cores; spinning threads cost open_clip most on a shared machine), unless
+  the environment sets it;
 - the same budget of training time: a probe first runs each trainer configuration for
   ``--probe`` seconds after its first step and measures its own samples/s (the median over its
   logged windows of 2 steps, so that a burst of other jobs' load moves it less); each run then

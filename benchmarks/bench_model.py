@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import os
 
-# As `coembed train` does (see coembed/train.py): idle OpenMP threads sleep instead of spinning.
-# Set before torch is imported, for both sides alike; so is the allocator setting below.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As `coembed train` does (coembed.process): OpenMP's idle threads spin briefly when the machine
+# is idle as the benchmark starts and sleep otherwise. Set before torch is imported, for both
+# sides alike; so is the allocator setting below.
+from coembed import process  # no torch in it
+
+os.environ.update(process.openmp_waiting_settings("train")[0])
 
 import argparse
 import csv
@@ -40,8 +43,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-from coembed.device import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ROOT / "data" / "synthetic" / "train.csv"
@@ -195,9 +196,9 @@ def main() -> None:
     if args.quick:
         args.rounds, args.steps = 2, 2
     torch.set_num_threads(args.threads)
-    # `coembed train` keeps freed memory for reuse (coembed.device.keep_freed_memory); in one
+    # `coembed train` keeps freed memory for reuse (coembed.process.keep_freed_memory); in one
     # process this holds for every side, so the step's page faults are off open_clip's bill too.
-    reused = keep_freed_memory()
+    reused = process.keep_freed_memory()
 
     sides, images, tokens = build_sides(args.batch_size)
     inputs = {s.name: s.inputs(images) for s in sides}
@@ -249,7 +250,8 @@ def main() -> None:
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f}; torch {torch.__version__}; "
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; freed memory kept for reuse: "
+        f"OpenMP waiting: {os.environ.get('OMP_WAIT_POLICY')}, "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}; freed memory kept for reuse: "
         f"{'yes' if reused else 'no'} (both sides)"
     )
     print(

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from coembed import __version__
 from coembed.errors import CoembedError, UsageError
+from coembed.process import choose_openmp_waiting
 
 
 class Parser(argparse.ArgumentParser):
@@ -378,14 +379,12 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while waiting take the cores from the threads doing the work
-    # whenever anything else runs (a data worker, a browser, another job): on 2 shared cores a
-    # tiny-recipe training step took 2-12 s spinning and 0.9 s waiting passively. libgomp reads
-    # the variable when torch loads it, and every subcommand imports torch lazily, after this.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        # libgomp reads its waiting policy when torch loads it, and every subcommand imports
+        # torch lazily, after this (parsing does not).
+        choose_openmp_waiting(args.command)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
-
 import torch
 
 from coembed.errors import UsageError
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -35,26 +27,3 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep freed memory for reuse instead of handing it back to the system.
-
-    A training step allocates and frees the same large activations (several MB each) every step.
-    By default glibc maps each block above its threshold fresh from the kernel and unmaps it when
-    freed, so every step faults in its activations again page by page: on the tiny recipe that
-    was ~50,000 page faults and a sixth of the step's CPU time. Above 1 GiB blocks are still
-    mapped; the process's resident memory stays at its peak (freed memory is reused, not
-    returned). A no-op returning False where the C library is not glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mapped = mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-    trimmed = mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
-    return bool(mapped and trimmed)

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+from coembed import process
 from coembed.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -51,10 +52,11 @@ from coembed.config import (
     load_config,
     validate,
 )
-from coembed.device import autocast_dtype, keep_freed_memory, resolve_device
+from coembed.device import autocast_dtype, resolve_device
 from coembed.errors import CoembedError, DataError, UsageError
 from coembed.loss import make_loss
 from coembed.model import CoEmbed
+from coembed.process import keep_freed_memory
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
@@ -958,7 +960,14 @@ def train_from_args(args: argparse.Namespace) -> dict:
             if skipped:
                 print("images skipped: " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
             print(f"data: {report.summary()}", flush=True)
-            logger.log(run.step, data=report.summary(), empty_captions=report.empty_captions)
+            threads = f"{torch.get_num_threads()} threads, OpenMP waiting: {process.openmp_waiting}"
+            print(f"CPU: {threads}", flush=True)
+            logger.log(
+                run.step,
+                data=report.summary(),
+                empty_captions=report.empty_captions,
+                cpu=threads,
+            )
         try:
             metrics = run_loop(run, logger)
         except TrainingDiverged as exc:
