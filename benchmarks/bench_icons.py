@@ -326,7 +326,7 @@ def table(sides: list[Side], best: Side | None, coembed_side: Side) -> list[str]
         lines.append(
             f"| {s.name}{mark} | "
             + " | ".join(fmt(s.test[k]) for k in KEYS)
-            + f" | {fmt(mean_recall(s.val))} | {s.rate:.0f} | {s.epochs} | {s.run['steps']} "
+            + f" | {fmt(mean_recall(s.val))} | {'' if math.isnan(s.rate) else f'{s.rate:.0f}'} | {s.epochs} | {s.run['steps']} "
             f"| {s.run['startup_s']:.0f} | {s.run['wall_s'] - s.run['startup_s']:.0f} |"
         )
     if best is not None:
@@ -450,7 +450,12 @@ def main() -> int:
     print()
     print(
         f"cross-theme retrieval on {test_theme} ({test_rows:,} icons, never trained on); "
-        f"{args.budget:.0f} s of training per side; {machine()}, load average "
+        + (
+            f"{args.epochs} epochs per side"
+            if args.epochs
+            else f"{args.budget:.0f} s of training per side"
+        )
+        + f"; {machine()}, load average "
         f"{min(load):.1f}-{max(load):.1f}; {minutes:.0f} min in all"
     )
     print("\n".join(lines))
