@@ -48,6 +48,7 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     [
         # training alone on an idle machine: a short spin
         ("train", {}, 2.0, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}),
+        ("demo", {}, 2.0, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}),
         # training beside other work (1 of 2 cores busy): threads sleep
         ("train", {}, 1.0, {"OMP_WAIT_POLICY": "PASSIVE"}),
         # several training processes (torchrun): sleep, without looking

@@ -48,6 +48,9 @@ def keep_freed_memory() -> bool:
 # about 0.1 ms (libgomp counts ~100,000 spins per ms). Its own default is 300,000 (~3 ms).
 SHORT_SPIN = "10000"
 
+# The commands that train a model in this process (the demo trains the tiny recipe).
+TRAINING_COMMANDS = ("train", "demo")
+
 
 def idle_cores(seconds: float = 0.1) -> float | None:
     """How many cores sat idle over the next ``seconds`` (from /proc/stat); None if unknown."""
@@ -78,10 +81,11 @@ def openmp_waiting_settings(
     cores a short spin trains the tiny recipe ~10% faster (442-451 vs 394-405 samples/s).
     Spinning threads take the cores from everything else, though: with the machine's cores
     busy (two other CPU-bound jobs on 2 cores) sleeping was ~15% faster, and libgomp's own
-    default (3 ms of spinning) stretched steps from 0.9 s to 2-12 s. So ``coembed train`` in a
-    single process looks at the machine for 0.1 s as it starts and spins briefly (~0.1 ms) only
-    when all but half a core sat idle; every other case (other commands, which serve requests
-    beside other work, or several training processes on one machine) sleeps. A setting of
+    default (3 ms of spinning) stretched steps from 0.9 s to 2-12 s. So ``coembed train`` and
+    ``coembed demo`` in a single process look at the machine for 0.1 s as they start and spin
+    briefly (~0.1 ms) only when all but half a core sat idle; every other case (other commands,
+    which serve requests beside other work, or several training processes on one machine)
+    sleeps. A setting of
     OMP_WAIT_POLICY or GOMP_SPINCOUNT in ``environ`` is left alone.
 
     Returns the variables to set (none when the environment decides) and a description.
@@ -89,7 +93,7 @@ def openmp_waiting_settings(
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}, "as set in the environment"
     idle = None
-    if command == "train" and int(environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if command in TRAINING_COMMANDS and int(environ.get("WORLD_SIZE", "1") or 1) <= 1:
         idle = idle_cores()
     cores = os.cpu_count() or 1
     seen = "" if idle is None else f" ({idle:.1f} of {cores} cores idle at start)"
