@@ -56,7 +56,6 @@ from coembed.device import autocast_dtype, resolve_device
 from coembed.errors import CoembedError, DataError, UsageError
 from coembed.loss import make_loss
 from coembed.model import CoEmbed
-from coembed.process import keep_freed_memory
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
@@ -731,7 +730,7 @@ def set_threads(cfg: Config) -> None:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.reuse_memory:
-        keep_freed_memory()
+        process.keep_freed_memory()
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
 
