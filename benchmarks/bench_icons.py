@@ -147,7 +147,7 @@ def openclip_settings() -> dict[str, dict]:
 
 
 def build_data(out: Path) -> Path:
-    from coembed.data.icons import build_icon_dataset
+    from coembed.datasets.icons import build_icon_dataset
 
     print(f"building the icon data set in {out} (coembed data icons)", flush=True)
     report = build_icon_dataset(out)
@@ -440,9 +440,10 @@ def main() -> int:
             )
             sheet_path = args.sheet if not args.quick else work / "sheet.png"
             draw_sheet([sides[0], best], bench, sheet_path)
+            # RESULTS.md names files relative to the repository, never by a machine's path.
             shown = sheet_path.resolve()
-            if shown.is_relative_to(Path.cwd()):
-                shown = shown.relative_to(Path.cwd())
+            if shown.is_relative_to(SHEET.parents[1]):
+                shown = shown.relative_to(SHEET.parents[1])
             notes.append(f"contact sheet: {shown}")
         test_rows, test_theme = len(read_rows(bench.test)), read_rows(bench.test)[0]["theme"]
     minutes = (time.time() - started) / 60

@@ -126,7 +126,7 @@ def build_sides(batch: int):
     from coembed.interop.openclip import openclip_model_config, to_openclip_state
     from coembed.loss import ClipLoss
     from coembed.model import CoEmbed
-    from coembed.train import make_optimizer
+    from coembed.training.optim import make_optimizer
 
     torch.manual_seed(0)
     cfg = load_config(
@@ -152,9 +152,7 @@ def build_sides(batch: int):
         Side(
             "open_clip", theirs[0].train(), openclip_optimizer(theirs[0]), OpenClipLoss(), False, 0
         ),
-        Side(
-            "coembed", ours, make_optimizer(ours, cfg, torch.device("cpu")), ClipLoss(), True, 1.0
-        ),
+        Side("coembed", ours, make_optimizer(ours, cfg), ClipLoss(), True, 1.0),
         Side(
             "open_clip, channels_last",
             theirs[1].train().to(memory_format=torch.channels_last),

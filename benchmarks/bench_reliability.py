@@ -45,13 +45,13 @@ sys.path[:0] = [str(HERE), str(REPO)]
 
 from bench_serve import Connection, free_port, start_server  # noqa: E402
 from machine import machine  # noqa: E402
-from tests.test_crash_safety import (  # noqa: E402
+from tests.helpers import TINY_SET as TRAIN_TINY_SET  # noqa: E402
+from tests.helpers import (  # noqa: E402
     assert_nothing_half_written,
     kill_after,
     kill_at_event,
     start,
 )
-from tests.test_train import TINY_SET as TRAIN_TINY_SET  # noqa: E402
 
 ENV = {**os.environ, "COEMBED_NO_PROGRESS": "1", "PYTHONPATH": str(REPO / "src")}
 RSS_BOUND_MB = 64.0  # allowed growth over the load (the query cache alone holds <= 4096 vectors)

@@ -82,7 +82,7 @@ def islands(n: int, dim: int, seed: int, clusters: int = 1000, rank: int = 8) ->
 
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    from coembed.index import import_faiss
+    from coembed.index.kinds import import_faiss
 
     faiss = import_faiss()
 
@@ -113,7 +113,8 @@ def main() -> None:
     if args.quick:
         args.n, args.queries = 100_000, 1000
 
-    from coembed.index import Index, import_faiss
+    from coembed.index import Index
+    from coembed.index.kinds import import_faiss
 
     faiss = import_faiss()  # as coembed imports it: OpenMP threads sleep instead of spinning
     faiss.omp_set_num_threads(args.threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve import build_served_index, free_port
+from tests.helpers import build_served_index, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -11,8 +11,9 @@ from PIL import Image
 
 import coembed
 from coembed.checkpoint import load_model_dir, save_model_dir
+from coembed.data.transforms import Preprocess
 from coembed.errors import ModelDirError
-from tests.conftest import assert_one_line_error, run_cli, tiny_clip_model
+from tests.helpers import assert_one_line_error, run_cli, tiny_clip_model
 
 
 def test_round_trip_is_bitwise(tiny_model_dir):
@@ -20,7 +21,7 @@ def test_round_trip_is_bitwise(tiny_model_dir):
     loaded, tokenizer, preprocess = load_model_dir(tiny_model_dir)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
-    assert preprocess["image_size"] == 32
+    assert preprocess == Preprocess(image_size=32)
     assert tokenizer.context_length == 16
     assert not loaded.training
 
@@ -47,6 +48,81 @@ def test_embedder_gives_unit_float32_rows(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(from_folder, from_paths, atol=1e-6)
     np.testing.assert_allclose(from_folder, from_pil, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(from_folder, axis=1), 1.0, atol=1e-5)
+
+
+# preprocess.json as this version wrote it before it was read into a Preprocess.
+OLD_PREPROCESS = {
+    "image_size": 32,
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+    "resize": "shortest_side",
+    "interpolation": "bicubic",
+    "crop": "center",
+}
+
+
+def embed_pictures(model_dir) -> np.ndarray:
+    """Embeddings of three fixed non-square pictures, enough to see any preprocessing change."""
+    rng = np.random.default_rng(0)
+    pictures = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for w, h in [(45, 37), (37, 53), (64, 64)]
+    ]
+    return coembed.load(model_dir, device="cpu").embed_images(pictures)
+
+
+def test_old_format_directory_loads_identically(tiny_model_dir):
+    path = tiny_model_dir / "preprocess.json"
+    assert json.loads(path.read_text()) == OLD_PREPROCESS  # the same file as before
+    fresh = embed_pictures(tiny_model_dir)
+    path.write_text(json.dumps(OLD_PREPROCESS, indent=2))
+    assert np.array_equal(embed_pictures(tiny_model_dir), fresh)
+    path.unlink()  # a directory without preprocess.json gets CLIP's defaults
+    assert load_model_dir(tiny_model_dir)[2] == Preprocess(image_size=32)
+    assert np.array_equal(embed_pictures(tiny_model_dir), fresh)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"mean": [0.2, 0.5, 0.7]}, {"std": [0.5, 0.2, 0.4]}, {"interpolation": "bilinear"}],
+)
+def test_preprocess_json_is_what_the_transform_applies(tiny_model_dir, change):
+    fresh = embed_pictures(tiny_model_dir)
+    path = tiny_model_dir / "preprocess.json"
+    path.write_text(json.dumps({**OLD_PREPROCESS, **change}))
+    changed = embed_pictures(tiny_model_dir)
+    # The same pictures through the same weights: only the preprocessing can move them (the
+    # tiny random model is not very sensitive to its input, hence a small but certain margin).
+    assert np.abs(changed - fresh).max() > 1e-5
+    # The same settings handed to save_model_dir give the same file and the same embeddings.
+    model, tokenizer, preprocess = load_model_dir(tiny_model_dir)
+    again = save_model_dir(model, tokenizer, tiny_model_dir.parent / "again", preprocess)
+    assert json.loads((again / "preprocess.json").read_text()) == {**OLD_PREPROCESS, **change}
+    assert np.array_equal(embed_pictures(again), changed)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"image_size": 64}, "disagrees with config.json's model.image.image_size 32"),
+        ({"crop": "random"}, "crop: 'random' is not one of center"),
+        ({"interpolation": "lanczos"}, "interpolation: 'lanczos' is not one of bicubic"),
+        ({"resize": "longest_side"}, "resize: 'longest_side' is not one of shortest_side"),
+        ({"mean": [0.5, 0.5]}, "mean: expected three finite numbers"),
+        ({"std": [0.5, 0.0, 0.5]}, "std: every channel's must be positive"),
+        ({"scale": 2}, "unknown preprocessing key 'scale'"),
+    ],
+)
+def test_bad_preprocess_json_is_refused(tiny_model_dir, change, message):
+    (tiny_model_dir / "preprocess.json").write_text(json.dumps({**OLD_PREPROCESS, **change}))
+    with pytest.raises(ModelDirError, match=message):
+        load_model_dir(tiny_model_dir)
+
+
+def test_preprocess_json_may_leave_the_size_to_config_json(tiny_model_dir):
+    values = {k: v for k, v in OLD_PREPROCESS.items() if k != "image_size"}
+    (tiny_model_dir / "preprocess.json").write_text(json.dumps(values))
+    assert load_model_dir(tiny_model_dir)[2].image_size == 32
 
 
 def test_missing_dir_and_files(tmp_path, tiny_model_dir):
@@ -114,14 +190,14 @@ def test_optimizer_state_round_trip_keeps_channels_last_moments(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from coembed.model import CoEmbed
-    from coembed.train import make_optimizer, optimizer_tensors, restore_optimizer
-    from tests.conftest import tiny_config
+    from coembed.training.optim import make_optimizer, optimizer_tensors, restore_optimizer
+    from tests.helpers import tiny_config
 
     cfg = tiny_config()
     torch.manual_seed(0)
     models = [CoEmbed(cfg.model).to(memory_format=torch.channels_last) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [make_optimizer(m, cfg, torch.device("cpu")) for m in models]
+    opts = [make_optimizer(m, cfg) for m in models]
 
     def step(i: int) -> None:
         for m, opt in zip(models, opts):
@@ -135,7 +211,7 @@ def test_optimizer_state_round_trip_keeps_channels_last_moments(tmp_path):
     step(0)
     tensors, meta = optimizer_tensors(opts[1])
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "opt.safetensors")
-    opts[1] = make_optimizer(models[1], cfg, torch.device("cpu"))
+    opts[1] = make_optimizer(models[1], cfg)
     restore_optimizer(opts[1], load_file(tmp_path / "opt.safetensors"), meta)
     conv = next(p for p in models[1].parameters() if p.ndim == 4)
     assert opts[1].state[conv]["exp_avg"].stride() == conv.stride()

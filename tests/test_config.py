@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
-from coembed.config import load_config, parse_overrides
+from coembed.config import Config, complete_config, load_config, parse_overrides, validate
 from coembed.errors import ConfigError
 
 
@@ -62,3 +64,26 @@ def test_bad_yaml_file(tmp_path):
     path.write_text("model:\n  text:\n    widthh: 3\n")
     with pytest.raises(ConfigError, match="model.text.widthh"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "rn50"])
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_validate_changes_nothing(recipe, loss):
+    cfg = load_config(recipe, [f"train.loss={loss}"])
+    cfg.model.init_logit_bias = None  # what completion would fill in for the sigmoid loss
+    before = copy.deepcopy(cfg)
+    assert validate(cfg) is cfg
+    assert cfg == before
+
+
+def test_completion_is_its_own_step_and_returns_a_copy():
+    cfg = Config()
+    cfg.train.loss = "siglip"
+    before = copy.deepcopy(cfg)
+    done = complete_config(cfg)
+    assert cfg == before and done is not cfg
+    assert done.model.init_logit_bias == -10.0  # the sigmoid loss's starting bias
+    assert load_config("tiny", ["train.loss=siglip"]).model.init_logit_bias == -10.0
+    given = load_config("tiny", ["train.loss=siglip", "model.init_logit_bias=-3"])
+    assert given.model.init_logit_bias == -3.0  # a bias given is kept
+    assert load_config("tiny").model.init_logit_bias is None  # the softmax loss has none

@@ -27,62 +27,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, tiny_clip_model
-
-# Runs `coembed ARGS...` with os.replace/os.rename announcing "@@ before|after PATH" for every
-# rename into WATCH and pausing there, so the parent can SIGKILL at an exact point of a save.
-HOOKED = r"""
-import os, sys, time
-watch, pause = os.path.abspath(sys.argv[1]), float(sys.argv[2])
-real = {"replace": os.replace, "rename": os.rename}
-
-def hooked(name):
-    def move(src, dst, *args, **kwargs):
-        seen = os.path.abspath(dst).startswith(watch)
-        if seen:
-            sys.__stderr__.write(f"@@ before {dst}\n"); sys.__stderr__.flush(); time.sleep(pause)
-        real[name](src, dst, *args, **kwargs)
-        if seen:
-            sys.__stderr__.write(f"@@ after {dst}\n"); sys.__stderr__.flush(); time.sleep(pause)
-    return move
-
-os.replace, os.rename = hooked("replace"), hooked("rename")
-from coembed.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
-ENV = {**os.environ, "COEMBED_NO_PROGRESS": "1", "PYTHONPATH": str(REPO / "src")}
-
-
-def start(watch: Path, args: list[str], pause: float = 0.2) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", HOOKED, str(watch), str(pause), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-
-
-def kill_at_event(proc: subprocess.Popen, event: int) -> list[str]:
-    """SIGKILL ``proc`` while it pauses at its ``event``-th announced rename (1-based); returns
-    the events seen. If it finishes first, nothing is killed."""
-    seen = []
-    for line in proc.stderr:
-        if line.startswith("@@ "):
-            seen.append(line[3:].strip())
-            if len(seen) == event:
-                proc.send_signal(signal.SIGKILL)
-                break
-    proc.wait()
-    return seen
-
-
-def kill_after(proc: subprocess.Popen, delay: float) -> None:
-    try:
-        proc.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+from tests.helpers import (
+    ENV,
+    HOOKED,
+    assert_nothing_half_written,
+    kill_after,
+    kill_at_event,
+    start,
+    tiny_clip_model,
+    tiny_dataset,
+    train_args,
+)
 
 
 def files_state(folder: Path) -> dict[str, tuple[int, int]]:
@@ -196,40 +151,9 @@ def test_index_add_killed_anywhere_keeps_old_or_new(gallery, tmp_path):
 
 # --- train checkpoints ----------------------------------------------------------------------------
 
-CHECKPOINT_FILES = {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
-MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "preprocess.json"}
-
-
-def assert_nothing_half_written(out: Path) -> None:
-    """The model at the top loads (or is not there yet); every step-* folder is whole; anything
-    else under checkpoints/ is a hidden leftover that ``train`` never reads as a checkpoint."""
-    from safetensors.torch import load_file
-
-    from coembed.checkpoint import load_model_dir
-    from coembed.train import checkpoint_dirs
-
-    if (out / "config.json").exists():
-        assert MODEL_FILES <= {p.name for p in out.iterdir()}
-        load_model_dir(out)
-    else:
-        assert not (out / "model.safetensors").exists()
-    root = out / "checkpoints"
-    for folder in sorted(root.iterdir()) if root.exists() else []:
-        if not folder.name.startswith("step-"):
-            assert folder.name.startswith((".tmp-", ".del-")), folder
-            assert folder not in checkpoint_dirs(out)
-            continue
-        assert {p.name for p in folder.iterdir()} == CHECKPOINT_FILES, folder
-        state = json.loads((folder / "state.json").read_text())
-        assert folder.name == f"step-{state['step']:07d}"
-        for name in CHECKPOINT_FILES - {"state.json"}:
-            load_file(str(folder / name))
-
 
 @pytest.mark.slow
 def test_train_killed_while_writing_checkpoints(tmp_path):
-    from tests.test_train import tiny_dataset, train_args
-
     data = tiny_dataset(tmp_path / "data", n=16)
     out = tmp_path / "run"
     settings = ["train.checkpoint_every=2", "train.keep_checkpoints=1", "train.deterministic=true"]
@@ -289,8 +213,8 @@ def test_a_restarted_run_removes_the_temporaries_a_kill_left_at_its_top(tmp_path
     run starts again; anything else in the folder, hidden or not, stays."""
     import tempfile
 
-    from coembed.checkpoint import is_atomic_temporary
-    from coembed.train import remove_leftovers
+    from coembed.files import is_atomic_temporary
+    from coembed.training.state import remove_leftovers
 
     fd, left = tempfile.mkstemp(prefix=".model.safetensors.", suffix=".tmp", dir=tmp_path)
     os.close(fd)

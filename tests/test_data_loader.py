@@ -14,7 +14,7 @@ from coembed.data.cache import decode_images, decode_square
 from coembed.data.formats import Record
 from coembed.data.images import open_image
 from coembed.data.loader import PairData, iter_image_batches, prefetched
-from coembed.data.transforms import eval_transform
+from coembed.data.transforms import Preprocess, eval_transform
 from coembed.errors import DataError
 
 SIZE = 16  # image_size of the tests; the cache holds round(16 * 8/7) = 18 px squares
@@ -151,17 +151,17 @@ def test_streaming_mode_matches_cache_and_drops_failures(tmp_path):
 def test_iter_image_batches(tmp_path):
     paths = make_images(tmp_path, 7)
     sources = [paths[0], str(tmp_path / "nope.png"), *paths[1:], Image.open(paths[3])]
-    got = list(iter_image_batches(sources, SIZE, batch_size=3, num_workers=0))
+    got = list(iter_image_batches(sources, Preprocess(SIZE), batch_size=3, num_workers=0))
     ok = sum((o for _, o, _ in got), [])
     failures = sum((f for _, _, f in got), [])
     assert ok == [0, 2, 3, 4, 5, 6, 7, 8] and [i for i, _ in failures] == [1]
     assert "not found" in failures[0][1]
     pixels = torch.cat([x for x, _, _ in got])
     assert pixels.shape == (8, 3, SIZE, SIZE)
-    assert torch.equal(pixels[1], eval_transform(SIZE)(open_image(paths[1])))
+    assert torch.equal(pixels[1], eval_transform(Preprocess(SIZE))(open_image(paths[1])))
     assert torch.equal(pixels[7], pixels[3])  # the PIL image is the same picture as paths[3]
     # Longer than two batches: decoded by DataLoader workers, same result.
-    with_workers = list(iter_image_batches(sources, SIZE, batch_size=2, num_workers=2))
+    with_workers = list(iter_image_batches(sources, Preprocess(SIZE), batch_size=2, num_workers=2))
     assert torch.equal(torch.cat([x for x, _, _ in with_workers]), pixels)
     assert sum((o for _, o, _ in with_workers), []) == ok
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from coembed.data.synthetic import COLOURS, generate, generate_shapes
+from coembed.datasets.synthetic import COLOURS, generate, generate_shapes
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data"
 

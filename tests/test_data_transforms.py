@@ -9,13 +9,15 @@ import torch
 from PIL import Image
 
 from coembed.data.transforms import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
+    CLIP_MEAN,
+    CLIP_STD,
+    Preprocess,
     eval_from_uint8,
     eval_transform,
     random_resized_boxes,
     train_augment,
 )
+from coembed.errors import ConfigError
 
 
 @pytest.mark.parametrize("size", [64, 224])
@@ -23,17 +25,49 @@ from coembed.data.transforms import (
 def test_eval_transform_matches_open_clip(size, wh):
     rng = np.random.default_rng(sum(wh) + size)
     im = Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
-    ours = eval_transform(size)(im)
+    ours = eval_transform(Preprocess(image_size=size))(im)
     theirs = open_clip.image_transform(size, is_train=False)(im)
     assert ours.shape == theirs.shape == (3, size, size) and ours.dtype == torch.float32
     assert (ours - theirs).abs().max().item() < 1e-6
 
 
+def test_preprocess_settings_reach_the_transform():
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    base = eval_transform(Preprocess(image_size=32))(im)
+    shifted = eval_transform(Preprocess(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    # mean 0, std 1: the plain [0, 1] pixels, which the default normalization maps to ``base``.
+    plain = shifted(im)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    expected = (plain - mean) / std
+    assert torch.allclose(base, expected, atol=1e-6)
+    bilinear = eval_transform(Preprocess(image_size=32, interpolation="bilinear"))(im)
+    assert not torch.equal(bilinear, base)
+    open_clip_bilinear = open_clip.image_transform(32, is_train=False, interpolation="bilinear")
+    assert (bilinear - open_clip_bilinear(im)).abs().max().item() < 1e-6
+
+
+def test_preprocess_dict_round_trip_and_refusals():
+    settings = Preprocess(image_size=64, interpolation="bilinear", mean=(0.5, 0.5, 0.5))
+    assert Preprocess.from_dict(settings.to_dict()) == settings
+    assert Preprocess.from_dict({"image_size": 64}) == Preprocess(image_size=64)
+    for bad in [
+        {"mean": [0.5, 0.5, 0.5]},  # no size
+        {"image_size": True},
+        {"image_size": 0},
+        {"image_size": 64, "crop": "random"},
+        {"image_size": 64, "std": [1, 1, float("inf")]},
+        {"image_size": 64, "mean": "0.5"},
+        {"image_size": 64, "extra": 1},
+    ]:
+        with pytest.raises(ConfigError):
+            Preprocess.from_dict(bad)
+
+
 def test_clip_constants_match_open_clip():
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    assert OPENAI_CLIP_MEAN == tuple(OPENAI_DATASET_MEAN)
-    assert OPENAI_CLIP_STD == tuple(OPENAI_DATASET_STD)
+    assert CLIP_MEAN == tuple(OPENAI_DATASET_MEAN)
+    assert CLIP_STD == tuple(OPENAI_DATASET_STD)
 
 
 def random_batch(B=6, H=40, W=40, seed=0) -> torch.Tensor:
@@ -59,14 +93,14 @@ def test_full_box_equals_eval_resize_and_constant_stays_constant():
     # A flat picture must stay flat: no darkened borders from sampling outside the image.
     flat = torch.full((4, 40, 40, 3), 200, dtype=torch.uint8)
     out = train_augment(flat, 32, torch.Generator().manual_seed(0))
-    expected = (200 / 255 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+    expected = (200 / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert torch.allclose(out, expected.view(1, 3, 1, 1).expand_as(out), atol=1e-5)
 
 
 def test_eval_from_uint8_without_resize_is_plain_normalization():
     batch = random_batch(B=2, H=8, W=8)
     out = eval_from_uint8(batch)
-    mean, std = np.array(OPENAI_CLIP_MEAN), np.array(OPENAI_CLIP_STD)
+    mean, std = np.array(CLIP_MEAN), np.array(CLIP_STD)
     ref = (batch.numpy() / 255.0 - mean) / std  # (B, H, W, 3)
     assert np.allclose(out.permute(0, 2, 3, 1).numpy(), ref, atol=1e-6)
     # A wide picture is center-cropped square first.

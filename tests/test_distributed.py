@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SHIPPED
-from tests.test_train import (
+from tests.helpers import (
     CLIP_TOKENIZER,
+    SHIPPED,
     metrics,
     ok,
     run_cli_batch,

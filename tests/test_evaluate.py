@@ -19,7 +19,7 @@ from coembed.evaluate import (
     zeroshot_classifier,
     zeroshot_scores,
 )
-from tests.conftest import SHIPPED
+from tests.helpers import SHIPPED
 
 KEYS = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
 

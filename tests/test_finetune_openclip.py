@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SHIPPED, run_cli
-from tests.test_interop import small_openclip
+from tests.helpers import SHIPPED, run_cli, small_openclip
 
 open_clip = pytest.importorskip("open_clip")
 

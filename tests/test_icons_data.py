@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coembed.data import icons
-from tests.conftest import assert_one_line_error, run_cli
-from tests.test_train import train_args
+from coembed.datasets import icons
+from tests.helpers import assert_one_line_error, run_cli, train_args
 
 RED, BLUE, GREEN, YELLOW = (220, 30, 30), (35, 65, 215), (40, 170, 50), (240, 220, 30)
 

@@ -14,11 +14,12 @@ import time
 import numpy as np
 import pytest
 
-import coembed.checkpoint
-import coembed.index as index_mod
+import coembed.index.kinds as kinds
+import coembed.index.store as store
 from coembed.errors import IndexError_, UsageError
-from coembed.index import Index, choose_kind
-from tests.conftest import SHIPPED, assert_one_line_error, tiny_clip_model
+from coembed.index import Index
+from coembed.index.kinds import choose_kind
+from tests.helpers import SHIPPED, assert_one_line_error, tiny_clip_model
 
 
 @pytest.fixture(autouse=True)
@@ -67,10 +68,10 @@ def names(n: int) -> list[str]:
 
 def test_kind_thresholds():
     assert choose_kind(10) == "flat"
-    assert choose_kind(index_mod.FLAT_MAX - 1) == "flat"
-    assert choose_kind(index_mod.FLAT_MAX) == "hnsw"
-    assert choose_kind(index_mod.HNSW_MAX - 1) == "hnsw"
-    assert choose_kind(index_mod.HNSW_MAX) == "ivfpq"
+    assert choose_kind(kinds.FLAT_MAX - 1) == "flat"
+    assert choose_kind(kinds.FLAT_MAX) == "hnsw"
+    assert choose_kind(kinds.HNSW_MAX - 1) == "hnsw"
+    assert choose_kind(kinds.HNSW_MAX) == "ivfpq"
 
 
 def test_flat_is_exact_and_maps_ids_to_items():
@@ -120,7 +121,7 @@ def test_save_load_add_keeps_one_generation(tmp_path):
 
 
 def test_auto_index_moves_up_a_kind_when_it_grows(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_mod, "FLAT_MAX", 200)
+    monkeypatch.setattr(kinds, "FLAT_MAX", 200)
     vectors = clustered(400, 16)
     index = Index.from_vectors(vectors[:150], names(150))
     assert index.kind == "flat"
@@ -142,8 +143,8 @@ def test_interrupted_save_leaves_the_old_index(tmp_path, monkeypatch, fail_at):
         pass
 
     real_write, real_text, calls = (
-        coembed.checkpoint.atomic_write,
-        coembed.checkpoint.atomic_write_text,
+        store.atomic_write,
+        store.atomic_write_text,
         [],
     )
 
@@ -160,10 +161,10 @@ def test_interrupted_save_leaves_the_old_index(tmp_path, monkeypatch, fail_at):
             raise Crash
         real_text(path, text)
 
-    monkeypatch.setattr(coembed.checkpoint, "atomic_write", write)
-    monkeypatch.setattr(coembed.checkpoint, "atomic_write_text", write_text)
+    monkeypatch.setattr(store, "atomic_write", write)
+    monkeypatch.setattr(store, "atomic_write_text", write_text)
     if fail_at == "copy":
-        monkeypatch.setattr(Index, "_copy_model", lambda self, root: (_ for _ in ()).throw(Crash()))
+        monkeypatch.setattr(store, "copy_model", lambda *args: (_ for _ in ()).throw(Crash()))
     with pytest.raises(Crash):
         bigger.save(tmp_path / "idx")
     assert len(Index.load(tmp_path / "idx")) == 100

@@ -19,7 +19,7 @@ import open_clip
 import pytest
 import torch
 from open_clip.factory import get_model_config
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from open_clip.model import CLIP
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
@@ -40,6 +40,7 @@ from coembed.interop.openclip import (
 )
 from coembed.model import CoEmbed
 from coembed.tokenizer import Tokenizer
+from tests.helpers import SMALL, randomize, small_openclip
 
 TOL = 1e-5
 
@@ -54,57 +55,6 @@ CAPTIONS = [
     "numbers 1234567 and emoji 🐶🚗",
     "don't we're it's <b>bold</b> &amp; done",
 ]
-
-
-# Small open_clip CLIP ResNets: (name, embed_dim, image layers, image width, image size,
-# head_width, text width, text heads, text layers, quick_gelu)
-SMALL = {
-    "quickgelu": (32, (1, 1, 1, 1), 16, 64, 16, 32, 4, 2, True),
-    "gelu": (24, (2, 1, 1, 1), 8, 96, 32, 48, 3, 1, False),
-    "deeper": (16, (1, 2, 2, 1), 8, 64, 64, 32, 2, 3, True),
-}
-
-
-def small_openclip(name: str, seed: int = 0) -> tuple[CLIP, list[str]]:
-    """A random open_clip CLIP with the SMALL[name] shapes, and the coembed overrides that match it."""
-    dim, layers, width, size, head_width, tw, th, tl, quick = SMALL[name]
-    torch.manual_seed(seed)
-    model = CLIP(
-        dim,
-        CLIPVisionCfg(layers=layers, width=width, image_size=size, head_width=head_width),
-        CLIPTextCfg(context_length=77, vocab_size=49408, width=tw, heads=th, layers=tl),
-        quick_gelu=quick,
-    )
-    randomize(model)
-    overrides = [
-        f"model.embed_dim={dim}",
-        f"model.image.layers=[{','.join(map(str, layers))}]",
-        f"model.image.width={width}",
-        f"model.image.image_size={size}",
-        f"model.image.heads={width * 32 // head_width}",
-        f"model.text.width={tw}",
-        f"model.text.heads={th}",
-        f"model.text.layers={tl}",
-        f"model.text.act={'quick_gelu' if quick else 'gelu'}",
-    ]
-    return model.eval(), overrides
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module) -> None:
-    """Give every BatchNorm non-trivial statistics and scales, and the temperature a distinct value."""
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.copy_(torch.randn(n, generator=gen) * 0.3 + 1)
-            m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
-            m.num_batches_tracked.fill_(7)
-    for name, p in model.named_parameters():
-        if name.endswith("logit_scale"):
-            p.fill_(3.3)
 
 
 def test_images(size: int) -> list[Image.Image]:

@@ -10,7 +10,7 @@ import torch
 from coembed.config import load_config
 from coembed.model import CoEmbed
 from coembed.towers.layers import HalvingAvgPool, sinusoidal_table
-from tests.conftest import TINY, tiny_clip_model, tiny_config
+from tests.helpers import TINY, tiny_clip_model, tiny_config
 
 
 def tokens_for(

@@ -64,6 +64,8 @@ def test_onnx_matches_torch_at_any_batch(model_dir, tmp_path):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == sorted(p.name for p in paths)  # nothing else, no temporary files left
     spec = json.loads((tmp_path / "out" / "onnx.json").read_text())
+    exported = (tmp_path / "out" / "preprocess.json").read_text()
+    assert exported == (directory / "preprocess.json").read_text()
 
     image = ort.InferenceSession(str(paths[0]), providers=["CPUExecutionProvider"])
     text = ort.InferenceSession(str(paths[1]), providers=["CPUExecutionProvider"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -72,6 +73,41 @@ def test_openmp_waiting_follows_the_command_and_the_idle_cores(
     )
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 def test_idle_cores_reads_the_machine():
     idle = process.idle_cores(0.05)
-    assert idle is None or 0.0 <= idle <= (os.cpu_count() or 1) + 0.01
+    assert idle is not None  # /proc/stat is there on Linux
+    assert 0.0 <= idle <= (os.cpu_count() or 1) + 0.01
+
+
+def test_idle_cores_counts_idle_and_iowait_of_all_cores(monkeypatch):
+    # Two samples of /proc/stat's first line: user nice system idle iowait irq softirq steal
+    # guest guest_nice. Between them 900 ticks passed, 800 of them idle (700) or iowait (100);
+    # guest time (already inside user) is not counted twice.
+    samples = iter(
+        [
+            "cpu  100 0 100 700 100 0 0 0 50 0\n",
+            "cpu  150 0 150 1400 200 0 0 0 80 0\n",
+        ]
+    )
+    monkeypatch.setattr(process, "open", lambda *_: io.StringIO(next(samples)), raising=False)
+    monkeypatch.setattr(process.time, "sleep", lambda _: None)
+    monkeypatch.setattr(process.os, "cpu_count", lambda: 4)
+    assert process.idle_cores() == pytest.approx(800 / 900 * 4)
+    # No time passed between the samples: unknown, not a division by zero.
+    samples = iter(["cpu  1 0 1 7 1 0 0 0 0 0\n"] * 2)
+    assert process.idle_cores() is None
+
+
+def test_openmp_waiting_is_read_back_from_the_environment(monkeypatch):
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", process.CHOICE_VARIABLE):
+        monkeypatch.setenv(name, "")  # recorded, so the test's own choice is undone after it
+        monkeypatch.delenv(name)
+    assert process.openmp_waiting() == "not chosen by coembed"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert process.openmp_waiting() == "as set in the environment"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(process, "idle_cores", lambda seconds=0.1: 0.2)
+    chosen = process.choose_openmp_waiting("train")
+    assert chosen.startswith("sleep") and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert process.openmp_waiting() == chosen

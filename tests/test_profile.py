@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import run_cli
-from tests.test_train import tiny_dataset, train_args
+from tests.helpers import run_cli, tiny_dataset, train_args
 
 
 def test_profile_reports_flops_and_mfu(tmp_path):

@@ -11,7 +11,14 @@ from PIL import Image
 
 from coembed.errors import ImageError, UsageError
 from coembed.index import Index
-from coembed.query import Query, Term, cli_query, embed_query, parse_query
+from coembed.index.query import (
+    Query,
+    Term,
+    combine_terms,
+    command_line_query,
+    embed_query,
+    parse_query,
+)
 
 COLOURS = ("red", "blue", "green")
 SHAPES = ("circle", "square", "star")
@@ -77,9 +84,8 @@ def test_image_term_edited_by_words(gallery, tmp_path):
     query = f'image:"{tmp_path / "red_square.png"}" - "red" + "green"'
     assert top(gallery, query) == "green_square"
     # The command-line form: --image first, then the rest of the query.
-    assert (
-        top(gallery, cli_query('- "red" + "green"', tmp_path / "red_square.png")) == "green_square"
-    )
+    query = command_line_query('- "red" + "green"', tmp_path / "red_square.png")
+    assert top(gallery, query) == "green_square"
 
 
 def test_weights_blend_two_descriptions(gallery):
@@ -100,6 +106,16 @@ def test_vector_is_weighted_sum_of_unit_terms_renormalized():
 def test_terms_that_cancel_are_an_error():
     with pytest.raises(UsageError, match="cancel"):
         embed_query('"red" - "red"', AttributeEmbedder())
+
+
+def test_combine_terms_normalizes_each_term_then_the_sum():
+    query = parse_query('2*"x" - "y"')
+    got = combine_terms(query, [3 * axis("red"), np.array([0, 0, 0, 4, 0, 0], np.float32)])
+    want = 2 * axis("red") - axis("circle")
+    np.testing.assert_allclose(got, want / np.linalg.norm(want), atol=1e-6)
+    assert got.dtype == np.float32
+    with pytest.raises(UsageError, match="cancel"):
+        combine_terms(parse_query('"x" - "y"'), [axis("red"), 2 * axis("red")])
 
 
 @pytest.mark.parametrize(
@@ -149,13 +165,13 @@ def test_round_trip_through_str():
 
 def test_cli_query_from_shell_words():
     # `coembed search "a red circle" - red + 0.5*blue` arrives as separate words.
-    got = cli_query(["a red circle", "-", "red", "+", "0.5*blue"])
+    got = command_line_query(["a red circle", "-", "red", "+", "0.5*blue"])
     assert got == Query(
         (Term(1.0, "text", "a red circle"), Term(-1.0, "text", "red"), Term(0.5, "text", "blue"))
     )
-    assert cli_query(None, "a.png") == Query((Term(1.0, "image", "a.png"),))
+    assert command_line_query(None, "a.png") == Query((Term(1.0, "image", "a.png"),))
     with pytest.raises(UsageError, match="give a text query"):
-        cli_query(None, None)
+        command_line_query(None, None)
 
 
 def test_missing_or_broken_query_image(tmp_path):

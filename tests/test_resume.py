@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import CLIP_TOKENIZER, metrics, ok, tiny_dataset, train_args, weights
+from tests.helpers import CLIP_TOKENIZER, metrics, ok, tiny_dataset, train_args, weights
 
 STEPS = 40  # 32 pairs in batches of 8: 4 per epoch, so resumes land mid-epoch and on boundaries
 CHECKPOINT_FILES = {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}

@@ -181,7 +181,7 @@ def test_special_token_spellings_follow_open_clip(clip: Tokenizer):
 
 def test_shipped_clip_asset_equals_fresh_conversion(tmp_path):
     output = tmp_path / "clip.json.gz"
-    assert tokenizer_module.main(["--build-clip", "--output", str(output)]) == 0
+    assert tokenizer_module.build_clip_asset(output=output) == output
     fresh = gzip.decompress(output.read_bytes())
     assert fresh == gzip.decompress(tokenizer_module.CLIP_ASSET.read_bytes())
     model = json.loads(fresh)["model"]

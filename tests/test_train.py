@@ -1,7 +1,5 @@
 """End-to-end `coembed train` in a subprocess on tiny data: bad input, divergence, logs and
 progress, validation, fine-tuning with locked towers, gradient accumulation.
-
-The helpers at the top are shared with test_train_formats, test_resume and test_distributed.
 """
 
 from __future__ import annotations
@@ -9,77 +7,30 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import REPO, SHIPPED, assert_one_line_error, run_cli
+from tests.helpers import (
+    CLIP_TOKENIZER,
+    TINY_SET,
+    assert_one_line_error,
+    metrics,
+    ok,
+    run_cli,
+    run_cli_batch,
+    tiny_dataset,
+    train_args,
+    weights,
+    write_csv,
+)
 
-# The tiny model of issue 4: a 0.4M-parameter run takes well under a second per step on a CPU.
-TINY_SET = [
-    "model.image.width=8",
-    "model.image.image_size=32",
-    "model.text.width=32",
-    "model.text.layers=1",
-    "model.text.heads=2",
-    "model.embed_dim=32",
-    "model.image.heads=4",
-    "model.text.context_length=16",
-    "model.text.vocab_size=600",
-    "train.threads=1",
-    "data.workers=0",
-]
-TINY = [arg for pair in TINY_SET for arg in ("--set", pair)]
-# Runs compared with each other use CLIP's fixed tokenizer: a BPE trained on the captions is not
-# the same in every process (tokenizers' trainer breaks ties between equally frequent pairs in
-# hash-map order), so two separately started runs would not even share their token ids.
-CLIP_TOKENIZER = ("--set", "model.tokenizer=clip", "--set", "model.text.vocab_size=49408")
 RETRIEVAL_KEYS = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
-
-
-def shipped_rows(n: int, split: str = "train") -> list[tuple[str, str]]:
-    """The first n (image file name, caption) rows of the shipped dataset."""
-    with open(SHIPPED / f"{split}.csv", newline="") as f:
-        rows = list(csv.DictReader(f))[:n]
-    return [(Path(r["filepath"]).name, r["caption"]) for r in rows]
-
-
-def copy_images(rows: list[tuple[str, str]], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, _ in rows:
-        shutil.copyfile(SHIPPED / "images" / name, folder / name)
-
-
-def write_csv(path: Path, rows: list[tuple[str, str]], header=("filepath", "caption"), sep=","):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, delimiter=sep)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def tiny_dataset(folder: Path, n: int = 24, split: str = "train") -> Path:
-    """A CSV of n shipped pairs with its images copied beside it; returns the CSV path."""
-    rows = shipped_rows(n, split)
-    copy_images(rows, folder / "images")
-    return write_csv(folder / f"{split}.csv", [(f"images/{a}", b) for a, b in rows])
-
-
-def train_args(data, output, *extra: str, steps: int | None = 2, batch: int = 8) -> list[str]:
-    args = ["train", "--train-data", str(data), "--output", str(output), "--device", "cpu"]
-    args += ["--batch-size", str(batch), *TINY]
-    if steps is not None:
-        args += ["--steps", str(steps)]
-    return args + list(extra)
 
 
 def run_many(
@@ -88,53 +39,6 @@ def run_many(
     """Run several CLI calls, two at a time (the imports dominate and the machine has 2 cores)."""
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda a: run_cli(*a, cwd=cwd, env=env), arg_lists))
-
-
-# Runs CLI calls one after the other in one interpreter, each through the same `main` that
-# `python -m coembed` calls, with its own stdout and stderr: the torch import and the tokenizer's
-# Unicode tables (~7 s of CPU per process) are paid once instead of once per call.
-CLI_BATCH = """
-import contextlib, io, json, sys, traceback
-from coembed.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-        except BaseException:
-            traceback.print_exc(file=err)
-            code = -1
-    results.append((code, out.getvalue(), err.getvalue()))
-sys.__stdout__.write(json.dumps(results))
-"""
-
-
-def run_cli_batch(
-    arg_lists: list[list[str]], cwd: Path | None = None
-) -> list[subprocess.CompletedProcess]:
-    env = {**os.environ, "COEMBED_NO_PROGRESS": "1", "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run(
-        [sys.executable, "-c", CLI_BATCH, json.dumps(arg_lists)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads(proc.stdout)
-    return [subprocess.CompletedProcess(a, *r) for a, r in zip(arg_lists, results)]
-
-
-def metrics(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
 
 
 def initial_weights(output: Path) -> dict[str, torch.Tensor]:
@@ -153,12 +57,6 @@ def tree_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -195,7 +93,7 @@ def test_bad_input_is_one_line_and_loses_nothing(data, logged_run, tmp_path):
         (train_args(data, out, "--set", "model.text.heads=5"), 2, "divisible"),
         (train_args(data, out, "--set", "train.accum_steps=3"), 2, "divisible"),
         (train_args(data, out, batch=32), 1, "lower the batch size"),
-        (train_args(data, done, "--set", "train.lr=1", "--resume"), 2, "given: train.lr=1"),
+        (train_args(data, done, "--set", "train.lr=1", "--resume"), 2, "train.lr=1.0"),
         (train_args(data, model_dir), 2, "holds a model directory"),
         (["train", "--train-data", str(data)], 2, "--output"),
     ]
@@ -402,7 +300,8 @@ def tiny_run():
     from coembed.loss import make_loss
     from coembed.model import CoEmbed
     from coembed.tokenizer import Tokenizer
-    from coembed.train import Dist, TrainRun, make_optimizer
+    from coembed.training.optim import make_optimizer
+    from coembed.training.run import Dist, TrainRun
 
     captions = [f"caption number {i} of {i % 3} things" for i in range(16)] + ["a caption"]
     tokenizer = Tokenizer.train(captions, vocab_size=600, context_length=16)
@@ -421,7 +320,7 @@ def tiny_run():
         model=model,
         raw_model=model,
         tokenizer=tokenizer,
-        optimizer=make_optimizer(model, cfg, torch.device("cpu")),
+        optimizer=make_optimizer(model, cfg),
         data=None,
         total_steps=1,
         batches_per_epoch=1,
@@ -433,7 +332,7 @@ def tiny_run():
 def test_accumulated_gradients_equal_full_batch_gradients(tiny_run, n):
     """Every parameter's gradient (convolutions and temperature included) with BatchNorm in eval
     mode, where each sample's features do not depend on the rest of its micro-batch."""
-    from coembed.train import accumulated_backward, forward_loss
+    from coembed.training.step import accumulated_backward, forward_loss
 
     run = tiny_run
     g = torch.Generator().manual_seed(1)
@@ -458,7 +357,7 @@ def test_accumulated_gradients_equal_full_batch_gradients(tiny_run, n):
 
 def test_caching_pass_leaves_batchnorm_statistics_alone(tiny_run):
     """In train mode, accumulation updates BatchNorm running statistics once per micro-batch."""
-    from coembed.train import accumulated_backward, forward_loss
+    from coembed.training.step import accumulated_backward, forward_loss
 
     run = tiny_run
     run.model.train()

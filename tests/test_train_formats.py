@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import (
+from tests.helpers import (
     copy_images,
     metrics,
     ok,

@@ -1,3 +1,5 @@
+"""``python -m coembed``: the same command as ``coembed``."""
+
 import sys
 
 from coembed.cli import main

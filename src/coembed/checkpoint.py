@@ -5,7 +5,14 @@ A model directory holds::
     config.json        {"format_version", "model": {...}}  the whole model config
     model.safetensors  weights only (never pickle); its metadata carries a digest of config.json
     tokenizer.json     HF tokenizers format
-    preprocess.json    image size, mean/std, resize and crop for inference
+    preprocess.json    image size, mean/std, resize, interpolation and crop for inference
+
+The image size is in two files because preprocess.json must stand alone (an ONNX export carries
+it without config.json). config.json's ``model.image.image_size`` wins: the image tower is built
+for it (the attention pool's positions are sized for it). preprocess.json is written from it, may
+leave it out, and is refused when it names another size. The rest of preprocess.json is read
+into a ``Preprocess`` that the eval transform applies (mean, std and interpolation included); a
+directory without preprocess.json, as older versions could leave, gets CLIP's defaults.
 
 Every file is written to a temporary name and renamed into place. Because config.json and the
 weights are two files, the weights record a digest of the config they belong to: a directory
@@ -17,62 +24,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from coembed.config import FORMAT_VERSION, ModelConfig, model_config_from_dict, to_dict
+from coembed.data.transforms import Preprocess
 from coembed.errors import ConfigError, ModelDirError
+from coembed.files import atomic_write, atomic_write_text
 from coembed.model import CoEmbed
+
+if TYPE_CHECKING:
+    from coembed.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PREPROCESS_FILE = "preprocess.json"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, PREPROCESS_FILE)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def is_atomic_temporary(name: str) -> bool:
-    """Whether ``name`` is one of ``atomic_write``'s temporaries (``.<name>.<8 chars>.tmp``)."""
-    return re.fullmatch(r"\..+\.[A-Za-z0-9_]{8}\.tmp", name) is not None
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Write a file via ``write(tmp_path)`` then rename over ``path``: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); give it the mode a plain open() would under the umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-
-    atomic_write(path, write)
 
 
 def config_text(cfg: ModelConfig) -> str:
+    """config.json's text for a model config (sorted keys, so equal configs give equal digests)."""
     return json.dumps(
         {"format_version": FORMAT_VERSION, "model": to_dict(cfg)}, indent=2, sort_keys=True
     )
@@ -82,34 +58,41 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def preprocess_settings(image_size: int) -> dict[str, Any]:
-    return {
-        "image_size": image_size,
-        "mean": list(CLIP_MEAN),
-        "std": list(CLIP_STD),
-        "resize": "shortest_side",
-        "interpolation": "bicubic",
-        "crop": "center",
-    }
+def write_preprocess(path: str | os.PathLike, preprocess: Preprocess) -> Path:
+    """Write ``preprocess`` as a preprocess.json file, atomically; returns its path."""
+    return atomic_write_text(path, json.dumps(preprocess.to_dict(), indent=2))
 
 
 def save_weights(
     path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:
+    """Write tensors (contiguous, on the CPU) and string metadata as a safetensors file, atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_model_dir(model: CoEmbed, tokenizer, directory: str | os.PathLike) -> Path:
-    """Write a complete model directory (each file atomically); returns its path."""
+def save_model_dir(
+    model: CoEmbed,
+    tokenizer: Tokenizer,
+    directory: str | os.PathLike,
+    preprocess: Preprocess | None = None,
+) -> Path:
+    """Write a complete model directory (each file atomically); returns its path.
+
+    ``preprocess`` defaults to CLIP's at the model's image size, what training normalizes with.
+    """
+    size = model.cfg.image.image_size
+    preprocess = preprocess or Preprocess(image_size=size)
+    if preprocess.image_size != size:
+        raise ConfigError(
+            f"preprocessing for {preprocess.image_size}px images, but the model takes {size}px: "
+            "give a Preprocess with the model's model.image.image_size"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = config_text(model.cfg)
     tokenizer.save(directory / TOKENIZER_FILE)
-    atomic_write_text(
-        directory / PREPROCESS_FILE,
-        json.dumps(preprocess_settings(model.cfg.image.image_size), indent=2),
-    )
+    write_preprocess(directory / PREPROCESS_FILE, preprocess)
     save_weights(directory / WEIGHTS_FILE, model.state_dict(), {"config_digest": _digest(text)})
     atomic_write_text(directory / CONFIG_FILE, text)
     return directory
@@ -176,8 +159,31 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state, strict=True)
 
 
-def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild (model, tokenizer, preprocess settings) from a model directory; model in eval mode."""
+def read_preprocess(directory: str | os.PathLike, cfg: ModelConfig) -> Preprocess:
+    """The Preprocess of a model directory: preprocess.json checked against config.json's size."""
+    path = Path(directory) / PREPROCESS_FILE
+    size = cfg.image.image_size
+    if not path.is_file():
+        return Preprocess(image_size=size)
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ModelDirError(f"{path}: not valid JSON (truncated or corrupt)") from None
+    if isinstance(values, dict) and values.get("image_size", size) != size:
+        raise ModelDirError(
+            f"{path}: image_size {values['image_size']!r} disagrees with {CONFIG_FILE}'s "
+            f"model.image.image_size {size}, which the model is built for; set it to {size}"
+        )
+    try:
+        return Preprocess.from_dict({"image_size": size, **values})
+    except ConfigError as exc:
+        raise ModelDirError(f"{path}: {exc}") from None
+
+
+def load_model_dir(
+    directory: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[CoEmbed, Tokenizer, Preprocess]:
+    """Rebuild (model, tokenizer, preprocessing) from a model directory; model in eval mode."""
     from coembed.tokenizer import Tokenizer
 
     directory = Path(directory)
@@ -191,13 +197,7 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
     tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
     if tokenizer.vocab_size > cfg.text.vocab_size or tokenizer.eot_id != cfg.text.eot_id:
         raise ModelDirError(f"{directory / TOKENIZER_FILE}: does not match the model's vocabulary")
-    preprocess = preprocess_settings(cfg.image.image_size)
-    pre_path = directory / PREPROCESS_FILE
-    if pre_path.is_file():
-        try:
-            preprocess.update(json.loads(pre_path.read_text()))
-        except json.JSONDecodeError:
-            raise ModelDirError(f"{pre_path}: not valid JSON (truncated or corrupt)") from None
+    preprocess = read_preprocess(directory, cfg)
     model = CoEmbed(cfg)
     load_state_strict(model, state, str(directory / WEIGHTS_FILE))
     return model.to(device).eval(), tokenizer, preprocess

@@ -1,11 +1,14 @@
 """Configuration as data: small nested dataclasses, YAML recipes, ``--set`` overrides, validation.
 
 A config is validated once, at the edge (YAML file or command line); everything after that trusts
-it. The resolved config is stored in every model directory and every run folder.
+it. Two separate steps: ``complete_config`` returns a copy with the values other settings imply
+filled in, ``validate`` checks and changes nothing. The resolved config is stored in every
+model directory and every run folder.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -209,8 +212,8 @@ def _update(obj: Any, values: dict, prefix: str) -> None:
             setattr(obj, key, _coerce(path, value, hints[key]))
 
 
-def validate(cfg: Config) -> Config:
-    """Check ranges and choices once; returns the same config or raises ConfigError."""
+def _check_choices(cfg: Config) -> None:
+    """Every option that is one of a few strings holds one of them."""
     for section in ("model", "model.text", "model.image", "data", "train"):
         obj = cfg
         for part in section.split("."):
@@ -219,6 +222,10 @@ def validate(cfg: Config) -> Config:
             value = getattr(obj, f.name)
             if not dataclasses.is_dataclass(value):
                 _check_choice(f"{section}.{f.name}", value)
+
+
+def _check_positive(cfg: Config) -> None:
+    """Sizes, counts and intervals that must be above zero."""
     t, i, tr = cfg.model.text, cfg.model.image, cfg.train
     positive = {
         "model.embed_dim": cfg.model.embed_dim,
@@ -240,6 +247,10 @@ def validate(cfg: Config) -> Config:
     for path, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{path}: must be positive, got {value}")
+
+
+def _check_text(t: TextConfig, tokenizer: str) -> None:
+    """The text tower's shapes and the combinations of its options that cannot work."""
     if t.width % t.heads:
         raise ConfigError(
             f"model.text.width ({t.width}) must be divisible by model.text.heads ({t.heads})"
@@ -254,34 +265,59 @@ def validate(cfg: Config) -> Config:
     if not 0 <= t.dropout < 1:
         raise ConfigError(f"model.text.dropout: must be in [0, 1), got {t.dropout}")
     # A trained tokenizer sets vocab_size and eot_id when it is built; CLIP's are fixed.
-    if cfg.model.tokenizer == "clip" and not 0 <= t.eot_id < t.vocab_size:
+    if tokenizer == "clip" and not 0 <= t.eot_id < t.vocab_size:
         raise ConfigError(
             f"model.text.eot_id ({t.eot_id}) must be below vocab_size ({t.vocab_size})"
         )
-    if i.backbone == "modified_resnet":
-        if len(i.layers) != 4 or any(n <= 0 for n in i.layers):
-            raise ConfigError(
-                f"model.image.layers: expected 4 positive block counts, got {i.layers}"
-            )
-        if i.image_size % 32:
-            raise ConfigError(f"model.image.image_size ({i.image_size}) must be a multiple of 32")
-        if (i.width * 32) % i.heads:
-            raise ConfigError(
-                f"model.image.heads ({i.heads}) must divide the pooled width ({i.width * 32})"
-            )
+
+
+def _check_image(i: ImageConfig) -> None:
+    """CLIP's ModifiedResNet: four stages, a size its 32x downsampling divides, whole heads."""
+    if i.backbone != "modified_resnet":
+        return
+    if len(i.layers) != 4 or any(n <= 0 for n in i.layers):
+        raise ConfigError(f"model.image.layers: expected 4 positive block counts, got {i.layers}")
+    if i.image_size % 32:
+        raise ConfigError(f"model.image.image_size ({i.image_size}) must be a multiple of 32")
+    if (i.width * 32) % i.heads:
+        raise ConfigError(
+            f"model.image.heads ({i.heads}) must divide the pooled width ({i.width * 32})"
+        )
+
+
+def _check_run(tr: TrainConfig, data: DataConfig) -> None:
+    """Training length, accumulation and the data pipeline's ranges."""
     if tr.steps < 0 or tr.epochs < 0:
         raise ConfigError("train.steps and train.epochs must not be negative")
     if tr.batch_size % tr.accum_steps:
         raise ConfigError(
             f"train.batch_size ({tr.batch_size}) must be divisible by train.accum_steps ({tr.accum_steps})"
         )
-    if tr.loss == "siglip" and cfg.model.init_logit_bias is None:
-        cfg.model.init_logit_bias = -10.0
-    if not 0 < cfg.data.crop_scale_min <= 1:
-        raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {cfg.data.crop_scale_min}")
-    if cfg.data.workers < 0 or cfg.data.prefetch < 0:
+    if not 0 < data.crop_scale_min <= 1:
+        raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {data.crop_scale_min}")
+    if data.workers < 0 or data.prefetch < 0:
         raise ConfigError("data.workers and data.prefetch must not be negative")
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and choices, changing nothing; returns the same config or raises ConfigError."""
+    _check_choices(cfg)
+    _check_positive(cfg)
+    _check_text(cfg.model.text, cfg.model.tokenizer)
+    _check_image(cfg.model.image)
+    _check_run(cfg.train, cfg.data)
     return cfg
+
+
+def complete_config(cfg: Config) -> Config:
+    """A copy of ``cfg`` with the values its other settings imply filled in; ``cfg`` is unchanged.
+
+    The sigmoid loss needs a logit bias: without one given, it starts at -10 (SigLIP's).
+    """
+    done = copy.deepcopy(cfg)
+    if done.train.loss == "siglip" and done.model.init_logit_bias is None:
+        done.model.init_logit_bias = -10.0
+    return done
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -331,10 +367,11 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         _update(cfg, values, "")
     if overrides:
         _update(cfg, parse_overrides(overrides), "")
-    return validate(cfg)
+    return validate(complete_config(cfg))
 
 
 def to_dict(obj: Any) -> dict:
+    """A dataclass (a config or a section of one) as nested plain dicts and lists."""
     return dataclasses.asdict(obj)
 
 
@@ -347,12 +384,14 @@ def model_config_from_dict(values: dict) -> ModelConfig:
 
 
 def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config stored in a run folder (completed, validated); unknown keys are an error."""
     cfg = Config()
     _update(cfg, values, "")
-    return validate(cfg)
+    return validate(complete_config(cfg))
 
 
 def dump_json(obj: Any) -> str:
+    """A config (or any JSON-able value) as indented JSON with sorted keys."""
     return json.dumps(
         to_dict(obj) if dataclasses.is_dataclass(obj) else obj, indent=2, sort_keys=True
     )

@@ -7,14 +7,18 @@ report folder of plots. Everything lands in one run folder (``runs/demo`` by def
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from coembed.errors import UsageError
+
+if TYPE_CHECKING:
+    from coembed.embedder import Embedder
+    from coembed.index import Index
 
 TEXT_QUERIES = [
     "a large red circle",
@@ -38,6 +42,7 @@ def shipped_data() -> Path | None:
 
 
 def find_data(data: str | None, output: Path) -> Path:
+    """The folder with train.csv and val.csv: ``data``, the shipped data, or a generated copy."""
     if data:
         folder = Path(data)
         if not (folder / "train.csv").is_file() or not (folder / "val.csv").is_file():
@@ -47,7 +52,7 @@ def find_data(data: str | None, output: Path) -> Path:
     if folder is not None:
         return folder
     # Installed without the repository: generate the same data set (deterministic).
-    from coembed.data.synthetic import generate
+    from coembed.datasets.synthetic import generate
 
     folder = output.parent / "demo-data"
     if not (folder / "val.csv").is_file():
@@ -67,7 +72,8 @@ def fresh_output(output: Path) -> None:
     shutil.rmtree(output)
 
 
-def show_results(title: str, results, captions: dict[str, str]) -> None:
+def show_results(title: str, results: list[tuple[str, float]], captions: dict[str, str]) -> None:
+    """Print a search's title, then one line per hit: rank, score, file name and caption."""
     print(f"\n{title}")
     for rank, (item, score) in enumerate(results, 1):
         print(f"  {rank}. {score:.3f}  {Path(item).name:<18} {captions.get(item, '')}")
@@ -81,53 +87,73 @@ def run_demo(
 ) -> dict:
     """Train, evaluate, index, search and report; returns the validation metrics."""
     from coembed import load
-    from coembed.evaluate import evaluate_retrieval_cli
-    from coembed.index import Index
-    from coembed.train import train_from_args
 
     started = time.perf_counter()
     out = Path(output)
     folder = find_data(data, out)
     fresh_output(out)
-    args = argparse.Namespace(
-        config="tiny",
-        train_data=str(folder / "train.csv"),
-        val_data=str(folder / "val.csv"),
-        output=str(out),
-        steps=steps,
-        epochs=None,
-        batch_size=None,
-        lr=None,
-        init=None,
-        resume=False,
-        lock_image=False,
-        lock_text=False,
-        split=None,
-        set=[],
-        profile=False,
-        image_key=None,
-        caption_key=None,
-        device=device,
-    )
     print(f"== training the tiny recipe on {folder}")
-    train_from_args(args)
+    train_demo_model(folder, out, steps, device)
     trained = time.perf_counter() - started
 
     print("\n== retrieval on the validation split (500 images, 500 captions)")
-    metrics = evaluate_retrieval_cli(str(out), str(folder / "val.csv"), device=device)
+    metrics = show_retrieval(out, folder / "val.csv", device)
+
+    print("\n== indexing the validation images")
+    embedder = load(out, device=device)
+    index = build_demo_index(embedder, folder / "val.csv", out / "index")
+    sheet_rows = run_searches(index)
+
+    print("\n== report")
+    for path in write_demo_report(out, metrics, embedder, index, sheet_rows):
+        print(f"  {path}")
+    total = time.perf_counter() - started
+    print(f"\ndemo done in {total:.0f} s (training {trained:.0f} s); run folder: {out}")
+    return metrics
+
+
+def train_demo_model(folder: Path, out: Path, steps: int | None, device: str) -> dict:
+    """Train the tiny recipe on ``folder``'s train.csv into ``out``; returns the run's summary."""
+    from coembed.config import load_config
+    from coembed.training import train
+
+    # Without --steps the recipe's epochs decide the length; with it, steps replace epochs.
+    flags = [] if steps is None else [f"train.steps={steps}", "train.epochs=0"]
+    return train(
+        load_config("tiny", flags),
+        str(folder / "train.csv"),
+        out,
+        val_data=str(folder / "val.csv"),
+        device=device,
+    )
+
+
+def show_retrieval(model: Path, pairs: Path, device: str) -> dict:
+    """Measure recall@1/5/10 both ways on ``pairs`` and print one line per direction."""
+    from coembed.evaluate import evaluate_retrieval
+
+    metrics = evaluate_retrieval(model, str(pairs), device=device)
     for direction in ("image_to_text", "text_to_image"):
         print(
             f"  {direction.replace('_', ' '):>14}:  "
             + "   ".join(f"R@{k} {metrics[f'{direction}_R@{k}']:.3f}" for k in (1, 5, 10))
         )
+    return metrics
 
-    print("\n== indexing the validation images")
-    embedder = load(out, device=device)
-    index = Index.build(embedder, images=str(folder / "val.csv"), progress=False)
-    index.save(out / "index")
+
+def build_demo_index(embedder: Embedder, pairs: Path, directory: Path) -> Index:
+    """Index the images of ``pairs`` and save the index to ``directory``."""
+    from coembed.index import Index
+
+    index = Index.build(embedder, images=str(pairs), progress=False)
+    index.save(directory)
+    print(f"  {len(index)} images in {directory} ({index.kind})")
+    return index
+
+
+def run_searches(index: Index) -> list[tuple[str, list[tuple[str, float]]]]:
+    """Text, image and compositional searches, printed; returns the contact sheet's rows."""
     captions = {item: (caps[0] if caps else "") for item, caps in zip(index.items, index.captions)}
-    print(f"  {len(index)} images in {out / 'index'} ({index.kind})")
-
     sheet_rows = []
     for query in TEXT_QUERIES:
         results = index.search(query, k=5)
@@ -140,16 +166,17 @@ def run_demo(
     results = index.search(COMPOSITIONAL, k=5)
     show_results(f"compositional search: {COMPOSITIONAL}", results[:3], captions)
     sheet_rows.append((COMPOSITIONAL, results))
-
-    print("\n== report")
-    for path in write_demo_report(out, metrics, embedder, index, sheet_rows):
-        print(f"  {path}")
-    total = time.perf_counter() - started
-    print(f"\ndemo done in {total:.0f} s (training {trained:.0f} s); run folder: {out}")
-    return metrics
+    return sheet_rows
 
 
-def write_demo_report(out: Path, metrics: dict, embedder, index, sheet_rows) -> list[Path]:
+def write_demo_report(
+    out: Path,
+    metrics: dict,
+    embedder: Embedder,
+    index: Index,
+    sheet_rows: list[tuple[str, list[tuple[str, float]]]],
+) -> list[Path]:
+    """Write the training, recall, similarity and search plots into OUT/report; returns their paths."""
     from coembed.report import (
         contact_sheet,
         plot_recall,

@@ -8,7 +8,7 @@ Retrieval (``retrieval_metrics``) handles several captions per image, as in COCO
 Ties count against the model: an item is ranked behind every other item with an equal or
 higher score, so a model that maps everything to one point scores zero, not one.
 
-Zero-shot classification (``zeroshot_cli``) reads a folder with one sub-folder of images per
+Zero-shot classification (``zeroshot``) reads a folder with one sub-folder of images per
 class, embeds every class name through a list of prompt templates, averages the normalized
 template embeddings (renormalized: CLIP's "prompt ensembling") and classifies each image by the
 nearest class embedding.
@@ -20,11 +20,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from coembed.errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    from coembed.embedder import Embedder
 
 # Prompt templates for zero-shot classification. A few phrasings in the style of CLIP's ImageNet
 # list; averaging over them makes the class embedding less sensitive to one caption style.
@@ -137,29 +140,31 @@ def _none_readable(source, ok: list[int], failures: list[tuple[Any, str]]) -> No
         raise DataError(f"{source}: none of the {len(failures)} images could be read{first}")
 
 
-def evaluate_retrieval_cli(
-    model_dir: str | os.PathLike,
-    data_path: str | os.PathLike,
+def evaluate_retrieval(
+    model: str | os.PathLike | Embedder,
+    data: str | os.PathLike,
+    *,
     image_key: str | None = None,
     caption_key: str | None = None,
     split: str | None = None,
     device: str = "auto",
 ) -> dict[str, float | int]:
-    """``coembed eval``: recall@1/5/10 both ways on a dataset, plus counts.
+    """Recall@1/5/10 both ways of a model (a directory or an Embedder) on a dataset, plus counts.
 
     Images that fail to decode are skipped with their captions and counted in
     ``skipped_images``.
     """
     from coembed.data.formats import read_records
-    from coembed.embedder import load
-    from coembed.index import embed_image_sources
+    from coembed.embedder import as_embedder
 
-    embedder = load(model_dir, device=device)
+    embedder = as_embedder(model, device)
     records, _ = read_records(
-        os.fspath(data_path), image_key or "filepath", caption_key or "caption", split
+        os.fspath(data), image_key or "filepath", caption_key or "caption", split
     )
-    image_emb, ok, failures = embed_image_sources(embedder, [r.image for r in records])
-    _none_readable(data_path, ok, failures)
+    image_emb, ok, failures = embedder.embed_images_skipping(
+        [r.image for r in records], progress=True
+    )
+    _none_readable(data, ok, failures)
     _warn_skipped(failures)
     captions: list[str] = []
     text_to_image: list[int] = []
@@ -196,7 +201,7 @@ def read_templates(path: str | os.PathLike | None) -> list[str]:
 
 def class_folders(folder: str | os.PathLike) -> list[tuple[str, list[Path]]]:
     """(class name, image paths) per sub-folder, sorted by folder name; '_' reads as a space."""
-    from coembed.embedder import list_images
+    from coembed.data.formats import list_images
 
     root = Path(folder)
     if not root.is_dir():
@@ -215,7 +220,7 @@ def class_folders(folder: str | os.PathLike) -> list[tuple[str, list[Path]]]:
 
 
 def zeroshot_classifier(
-    embedder, classnames: Sequence[str], templates: Sequence[str]
+    embedder: Embedder, classnames: Sequence[str], templates: Sequence[str]
 ) -> np.ndarray:
     """(C, D) unit rows: per class, the renormalized mean of its normalized template embeddings."""
     prompts = [t.format(name) for name in classnames for t in templates]
@@ -256,23 +261,23 @@ def zeroshot_scores(
     }
 
 
-def zeroshot_cli(
-    model_dir: str | os.PathLike,
+def zeroshot(
+    model: str | os.PathLike | Embedder,
     folder: str | os.PathLike,
+    *,
     templates: str | os.PathLike | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """``coembed zeroshot``: top-1/top-5 accuracy and a per-class table for an image folder."""
-    from coembed.embedder import load
-    from coembed.index import embed_image_sources
+    """Zero-shot top-1/top-5 accuracy and a per-class table for a folder of class sub-folders."""
+    from coembed.embedder import as_embedder
 
     prompts = read_templates(templates)
     classes = class_folders(folder)
-    embedder = load(model_dir, device=device)
+    embedder = as_embedder(model, device)
     classnames = [name for name, _ in classes]
     paths = [p for _, images in classes for p in images]
     labels_all = np.concatenate([np.full(len(images), c) for c, (_, images) in enumerate(classes)])
-    image_emb, ok, failures = embed_image_sources(embedder, paths)
+    image_emb, ok, failures = embedder.embed_images_skipping(paths, progress=True)
     _none_readable(folder, ok, failures)
     _warn_skipped(failures)
     classifier = zeroshot_classifier(embedder, classnames, prompts)
@@ -283,7 +288,7 @@ def zeroshot_cli(
 
 
 def format_zeroshot(result: dict[str, Any]) -> str:
-    """A readable report of ``zeroshot_cli``'s result: the totals, then one row per class."""
+    """A readable report of ``zeroshot``'s result: the totals, then one row per class."""
     width = max(len("class"), *(len(row["class"]) for row in result["per_class"]))
     lines = [
         f"zero-shot: {result['images']} images, {result['classes']} classes, "

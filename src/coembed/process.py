@@ -17,8 +17,9 @@ from collections.abc import Mapping
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-# What choose_openmp_waiting decided for this process, for the run's log.
-openmp_waiting = "not chosen by coembed"
+# Where choose_openmp_waiting records what it decided, for the run's log. The environment is
+# where the choice itself lives too, so the two cannot disagree, and it holds in every module.
+CHOICE_VARIABLE = "COEMBED_OPENMP_WAITING"
 
 
 def keep_freed_memory() -> bool:
@@ -105,8 +106,20 @@ def openmp_waiting_settings(
 
 
 def choose_openmp_waiting(command: str | None) -> str:
-    """Apply :func:`openmp_waiting_settings` to this process (before torch is imported)."""
-    global openmp_waiting
-    settings, openmp_waiting = openmp_waiting_settings(command)
+    """Apply :func:`openmp_waiting_settings` to this process (before torch is imported).
+
+    Returns the description, which :func:`openmp_waiting` reads back later.
+    """
+    settings, description = openmp_waiting_settings(command)
     os.environ.update(settings)
-    return openmp_waiting
+    os.environ[CHOICE_VARIABLE] = description
+    return description
+
+
+def openmp_waiting(environ: Mapping[str, str] = os.environ) -> str:
+    """How OpenMP's idle threads wait in this process, as chosen for it (for the run's log)."""
+    if CHOICE_VARIABLE in environ:
+        return environ[CHOICE_VARIABLE]
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return "as set in the environment"
+    return "not chosen by coembed"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from coembed.checkpoint import atomic_write
+from coembed.files import atomic_write
 
 
 def _pyplot():
@@ -34,6 +34,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order; empty when the run has none."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []

@@ -13,12 +13,11 @@ case-insensitive). HF runs it with Oniguruma, whose Unicode tables are older tha
 code point ranges computed with ``regex`` when the tokenizer is built.
 
 CLIP's tokenizer is converted once from the merges file open_clip_torch ships and stored gzipped
-in ``coembed/assets``; ``python -m coembed.tokenizer --build-clip`` regenerates it.
+in ``coembed/assets``; :func:`build_clip_asset` regenerates it (see its docstring).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import html
@@ -26,8 +25,6 @@ import importlib.util
 import json
 import os
 import re
-import secrets
-import sys
 from collections.abc import Iterable, Sequence
 from itertools import chain
 from pathlib import Path
@@ -39,6 +36,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 from tokenizers import Tokenizer as HFTokenizer
 
 from coembed.errors import ConfigError, ModelDirError, UsageError
+from coembed.files import atomic_write_bytes
 
 SOT = "<start_of_text>"
 EOT = "<end_of_text>"
@@ -227,26 +225,16 @@ def build_clip_json(merges_path: str | os.PathLike | None = None) -> str:
 def build_clip_asset(
     merges_path: str | os.PathLike | None = None, output: str | os.PathLike = CLIP_ASSET
 ) -> Path:
-    """Convert open_clip's merges file into the shipped gzipped tokenizer.json; return its path."""
+    """Convert open_clip's merges file into the shipped gzipped tokenizer.json; return its path.
+
+    A maintainer's step, run only when the asset must be rebuilt, from a shell::
+
+        python -c "from coembed.tokenizer import build_clip_asset; print(build_clip_asset())"
+
+    ``merges_path`` defaults to the file of the installed open_clip_torch (the dev extra).
+    """
     data = gzip.compress(build_clip_json(merges_path).encode("utf-8"), mtime=0)
-    return _write_atomic(Path(output), data)
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name in the same directory (so os.replace is atomic); open() honours the umask,
-    # unlike mkstemp's 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(Path(output), data)
 
 
 def _json_path(path: str | os.PathLike) -> Path:
@@ -363,7 +351,7 @@ class Tokenizer:
 
         ``path`` is the file (ending in .json) or a directory to write tokenizer.json into.
         """
-        return _write_atomic(_json_path(path), self._hf.to_str().encode("utf-8"))
+        return atomic_write_bytes(_json_path(path), self._hf.to_str().encode("utf-8"))
 
     def __call__(self, texts: str | Iterable[str]) -> torch.Tensor:
         """Return a LongTensor (N, context_length) of ids; a single string gives (1, context_length)."""
@@ -468,35 +456,3 @@ class Tokenizer:
             f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length}, "
             f"sot_id={self.sot_id}, eot_id={self.eot_id}, pad_id={self.pad_id})"
         )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m coembed.tokenizer --build-clip``; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m coembed.tokenizer", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--build-clip",
-        action="store_true",
-        help="convert open_clip's bpe_simple_vocab_16e6.txt.gz into the shipped CLIP tokenizer",
-    )
-    parser.add_argument(
-        "--merges", help="merges file to convert (default: the installed open_clip's)"
-    )
-    parser.add_argument(
-        "--output", default=str(CLIP_ASSET), help="where to write (default: %(default)s)"
-    )
-    args = parser.parse_args(argv)
-    if not args.build_clip:
-        parser.error("nothing to do: pass --build-clip")
-    try:
-        path = build_clip_asset(args.merges, args.output)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from coembed.data.formats import TarMember
 from coembed.data.images import ImageReadError, describe, open_image
 from coembed.data.transforms import center_crop, resize_shortest
+from coembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,12 @@ def _decode_all(
 ) -> dict[int, str]:
     """Fill the (already created) .npy at npy_path; returns failures: index -> reason."""
     failures: dict[int, str] = {}
-    bar = tqdm(
+    bar = progress_bar(
         total=len(sources),
         desc=f"decoding images ({size}px cache)",
         unit="img",
         leave=False,
-        disable=os.environ.get("COEMBED_NO_PROGRESS") == "1",  # tests and quiet runs
+        on_pipes=True,
     )
     chunk = 16
     if num_workers <= 1 or len(sources) < PARALLEL_MIN_IMAGES:

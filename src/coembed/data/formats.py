@@ -258,13 +258,19 @@ def _read_jsonl(
 # ---------------------------------------------------------------------------------- folders
 
 
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files below ``folder`` (recursively, by suffix), sorted for a stable order."""
+    root = Path(folder)
+    return sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
 def _read_folder(
     path: Path, caption_key: str, collect: _Collector
 ) -> tuple[list[Record], ReadReport]:
     collect.report.format = "folder"
-    images = sorted(
-        p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    images = list_images(path)
     if not images:
         shards = sorted(path.glob("*.tar"))
         if shards:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from coembed.data.cache import Source, cache_size_for, decode_images, decode_square
 from coembed.data.formats import Record
 from coembed.data.images import ImageReadError, ImageSource, open_image
-from coembed.data.transforms import eval_from_uint8, eval_transform, train_augment
+from coembed.data.transforms import Preprocess, eval_from_uint8, eval_transform, train_augment
 from coembed.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class PairData:
 
     @property
     def streaming(self) -> bool:
+        """Whether batches are decoded as they are needed (the data is over the cache budget)."""
         return self.images is None
 
     @classmethod
@@ -176,22 +177,8 @@ class PairData:
         ``cache_dir=None`` keeps the decoded array in memory for this run only. Images that
         fail to decode are dropped and counted in ``skipped`` (streaming mode: as met).
         """
-        sources: list[Source] = []
-        row_of: dict[Source, int] = {}
-        pair_rows: list[int] = []
-        pair_caption: list[str] = []
-        for record in records:
-            row = row_of.setdefault(record.image, len(sources))
-            if row == len(sources):
-                sources.append(record.image)
-            pair_rows.extend([row] * len(record.captions))
-            pair_caption.extend(record.captions)
-        if not pair_caption:
-            raise DataError(
-                "no image-caption pairs to train on; check the dataset path and columns"
-            )
+        sources, pair_image, pair_caption = _pairs(records)
         size = cache_size_for(image_size)
-        pair_image = np.asarray(pair_rows, dtype=np.int64)
         need = len(sources) * size * size * 3
         if need > max_cache_bytes:
             log.info(
@@ -203,20 +190,9 @@ class PairData:
             return cls(sources, pair_image, pair_caption, image_size, size, None, {}, num_workers)
 
         decoded = decode_images(sources, size, cache_dir, num_workers=num_workers)
-        skipped = dict(Counter(decoded.failures.values()))
-        keep = np.array([row not in decoded.failures for row in pair_rows], dtype=bool)
-        if not keep.any():
-            raise DataError(
-                f"none of the {len(sources)} images could be read ({_format_counts(skipped)}); "
-                "check that the image paths in the dataset point at real image files"
-            )
-        if skipped:
-            log.warning(
-                "skipped %d of %d images: %s",
-                len(decoded.failures),
-                len(sources),
-                _format_counts(skipped),
-            )
+        failed_rows = np.fromiter(decoded.failures, dtype=np.int64, count=len(decoded.failures))
+        keep = ~np.isin(pair_image, failed_rows)  # (P,) pairs whose image decoded
+        skipped = _count_failures(decoded.failures, len(sources), bool(keep.any()))
         captions = [c for c, k in zip(pair_caption, keep) if k]
         return cls(
             sources,
@@ -321,6 +297,41 @@ class PairData:
                 yield b, u8, pairs
 
 
+def _pairs(records: Sequence[Record]) -> tuple[list[Source], np.ndarray, list[str]]:
+    """(distinct images, (P,) int64 image row of each pair, (P,) captions) from records.
+
+    Each caption of a multi-caption image is one pair; an image met again keeps its first row.
+    """
+    sources: list[Source] = []
+    row_of: dict[Source, int] = {}
+    pair_rows: list[int] = []
+    pair_caption: list[str] = []
+    for record in records:
+        row = row_of.setdefault(record.image, len(sources))
+        if row == len(sources):
+            sources.append(record.image)
+        pair_rows.extend([row] * len(record.captions))
+        pair_caption.extend(record.captions)
+    if not pair_caption:
+        raise DataError("no image-caption pairs to train on; check the dataset path and columns")
+    return sources, np.asarray(pair_rows, dtype=np.int64), pair_caption
+
+
+def _count_failures(failures: dict[int, str], num_images: int, any_left: bool) -> dict[str, int]:
+    """Images that failed to decode, by reason; a DataError when no pair is ``any_left``."""
+    skipped = dict(Counter(failures.values()))
+    if not any_left:
+        raise DataError(
+            f"none of the {num_images} images could be read ({_format_counts(skipped)}); "
+            "check that the image paths in the dataset point at real image files"
+        )
+    if skipped:
+        log.warning(
+            "skipped %d of %d images: %s", len(failures), num_images, _format_counts(skipped)
+        )
+    return skipped
+
+
 def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
 
@@ -331,8 +342,8 @@ def _format_counts(counts: dict[str, int]) -> str:
 class _EvalImages(Dataset):
     """index -> (index, (3, S, S) tensor or None, error message or None)."""
 
-    def __init__(self, sources: Sequence[ImageSource], image_size: int) -> None:
-        self.sources, self.transform = sources, eval_transform(image_size)
+    def __init__(self, sources: Sequence[ImageSource], preprocess: Preprocess) -> None:
+        self.sources, self.transform = sources, eval_transform(preprocess)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -350,17 +361,18 @@ def _collate_eval(items: list) -> list:
 
 def iter_image_batches(
     sources: Sequence[ImageSource],
-    image_size: int,
+    preprocess: Preprocess,
     batch_size: int,
     num_workers: int = 2,
 ) -> Iterator[tuple[Tensor, list[int], list[tuple[int, str]]]]:
-    """Eval-preprocessed batches of arbitrary images: (pixels, ok indices, failures).
+    """Batches of arbitrary images through ``eval_transform(preprocess)``: (pixels, ok, failures).
 
     ``pixels`` is float32 (n_ok, 3, S, S) channels_last (n_ok may be 0 when a whole batch
-    fails); ``ok indices`` index into ``sources``; failures are (index, message). Lists longer
+    fails); ``ok`` indices index into ``sources``; failures are (index, message). Lists longer
     than two batches are decoded by DataLoader workers.
     """
-    dataset = _EvalImages(sources, image_size)
+    S = preprocess.image_size
+    dataset = _EvalImages(sources, preprocess)
     workers = num_workers if len(sources) > 2 * batch_size else 0
     loader = DataLoader(
         dataset, batch_size=batch_size, collate_fn=_collate_eval, num_workers=workers
@@ -371,5 +383,5 @@ def iter_image_batches(
         if ok:
             pixels = torch.stack([x for _, x in ok])  # (n_ok, 3, S, S)
         else:
-            pixels = torch.empty(0, 3, image_size, image_size)
+            pixels = torch.empty(0, 3, S, S)
         yield pixels.contiguous(memory_format=torch.channels_last), [i for i, _ in ok], failures

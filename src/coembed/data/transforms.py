@@ -2,7 +2,8 @@
 
 Eval: resize the shortest side to S (bicubic), center crop S x S, scale to [0, 1], normalize:
 the same operations, in the same order and arithmetic, as ``open_clip.image_transform(S,
-is_train=False)``, so embeddings match open_clip's for imported weights.
+is_train=False)``, so embeddings match open_clip's for imported weights. ``Preprocess`` holds
+these settings (a model directory's preprocess.json) and ``eval_transform`` reads all of them.
 
 Train: a random resized crop of a whole uint8 batch in one ``roi_align`` call (one bilinear
 crop-and-resize kernel for all boxes), then normalization, returning channels_last float32.
@@ -12,14 +13,89 @@ There is no horizontal flip on purpose: captions say "left of" and "on the right
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from coembed.errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RESIZES = ("shortest_side",)
+CROPS = ("center",)
+INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model's images are prepared for inference: what preprocess.json holds.
+
+    The defaults are what training normalizes with (``_normalize_nchw``), so a trained model's
+    directory records exactly the pixels it learned from.
+    """
+
+    image_size: int
+    resize: str = "shortest_side"
+    interpolation: str = "bicubic"
+    crop: str = "center"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    @classmethod
+    def from_dict(cls, values: Any) -> Preprocess:
+        """Settings from a mapping (preprocess.json); unknown keys or values raise ConfigError."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"expected a mapping of preprocessing settings, got {values!r}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown preprocessing key {unknown[0]!r} (known: {', '.join(known)})"
+            )
+        if "image_size" not in values:
+            raise ConfigError("preprocessing settings need an image_size")
+        size = values["image_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ConfigError(f"image_size: expected a positive integer, got {size!r}")
+        choices = {"resize": RESIZES, "interpolation": tuple(INTERPOLATIONS), "crop": CROPS}
+        for key, allowed in choices.items():
+            if key in values and values[key] not in allowed:
+                raise ConfigError(f"{key}: {values[key]!r} is not one of {', '.join(allowed)}")
+        stats = {key: _channel_values(key, values[key]) for key in ("mean", "std") if key in values}
+        if "std" in stats and min(stats["std"]) <= 0:
+            raise ConfigError(f"std: every channel's must be positive, got {list(stats['std'])}")
+        return cls(**{**values, **stats})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as preprocess.json stores them (lists for mean and std)."""
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+            "crop": self.crop,
+        }
+
+
+def _channel_values(key: str, value: Any) -> tuple[float, float, float]:
+    """Three finite numbers (one per RGB channel) or ConfigError naming ``key``."""
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 3
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        or not all(math.isfinite(v) for v in value)
+    ):
+        raise ConfigError(f"{key}: expected three finite numbers (R, G, B), got {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))
 
 
 def resize_shortest(
@@ -44,13 +120,17 @@ def center_crop(im: Image.Image, size: int) -> Image.Image:
 class EvalTransform:
     """PIL RGB image -> normalized float32 tensor (3, S, S). A class so workers can pickle it."""
 
-    def __init__(self, image_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> None:
-        self.image_size = image_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
+        self.image_size = preprocess.image_size
+        self.resample = INTERPOLATIONS[preprocess.interpolation]
+        self.mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(preprocess.std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, im: Image.Image) -> Tensor:
-        im = center_crop(resize_shortest(im, self.image_size), self.image_size)
+        """Resize the shortest side, center crop, normalize: (3, S, S) float32."""
+        S = self.image_size
+        im = center_crop(resize_shortest(im, S, self.resample), S)
         if im.mode != "RGB":
             im = im.convert("RGB")
         x = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))  # (S, S, 3) uint8
@@ -58,18 +138,22 @@ class EvalTransform:
         return x.sub_(self.mean).div_(self.std)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size})"
+        return f"EvalTransform({self.preprocess})"
 
 
-def eval_transform(image_size: int) -> EvalTransform:
+def eval_transform(preprocess: Preprocess) -> EvalTransform:
     """The evaluation transform: a callable mapping a PIL image to a (3, S, S) float tensor."""
-    return EvalTransform(image_size)
+    return EvalTransform(preprocess)
 
 
 def _normalize_nchw(x: Tensor) -> Tensor:
-    """float (B, 3, S, S) in 0..255 -> normalized, channels_last."""
-    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    """float (B, 3, S, S) in 0..255 -> normalized, channels_last.
+
+    Training's normalization: the constants are ``Preprocess``'s defaults, which every model
+    directory training writes records, so inference normalizes the way the model learned.
+    """
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     x = (x / 255.0 - mean) / std
     return x.contiguous(memory_format=torch.channels_last)
 

@@ -5,7 +5,7 @@
     image_encoder.onnx   pixel_values (B, 3, S, S) float32 -> image_embeddings (B, D) float32, unit rows
     text_encoder.onnx    tokens (B, L) int64            -> text_embeddings (B, D) float32, unit rows
     tokenizer.json       the model's tokenizer (HF tokenizers), to make the tokens
-    preprocess.json      image size, mean/std, resize and crop, to make the pixels
+    preprocess.json      image size, mean/std, resize, interpolation and crop, to make the pixels
     onnx.json            the inputs and outputs above, for a reader without this docstring
 
 Each file is written to a temporary name and renamed, so a crash leaves no half-written graph.
@@ -20,15 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from coembed.checkpoint import (
-    PREPROCESS_FILE,
-    TOKENIZER_FILE,
-    atomic_write,
-    atomic_write_text,
-    load_model_dir,
-    preprocess_settings,
-)
+from coembed.checkpoint import PREPROCESS_FILE, TOKENIZER_FILE, load_model_dir, write_preprocess
+from coembed.config import ModelConfig
 from coembed.errors import CoembedError
+from coembed.files import atomic_write, atomic_write_text
 from coembed.model import CoEmbed
 
 IMAGE_FILE = "image_encoder.onnx"
@@ -46,6 +41,7 @@ class ImageEncoder(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D)."""
         return self.model.encode_image(pixel_values)
 
 
@@ -57,6 +53,7 @@ class TextEncoder(nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, D)."""
         return self.model.encode_text(tokens)
 
 
@@ -91,24 +88,36 @@ def _require_exporter() -> None:
     except ImportError as exc:
         raise CoembedError(
             f"coembed export --onnx needs the onnx and onnxscript packages ({exc.name} is missing): "
-            "pip install onnx onnxscript"
+            "pip install coembed[onnx]"
         ) from None
 
 
-def export_onnx(model_dir: str, output_dir: str) -> list[Path]:
-    """Export a model directory's two towers (and its tokenizer and preprocessing) to ONNX.
+def _tensor_spec(name: str, shape: list, dtype: str) -> dict:
+    return {"name": name, "shape": shape, "dtype": dtype}
 
-    Returns the paths written, graphs first.
-    """
-    _require_exporter()
-    model, _tokenizer, preprocess = load_model_dir(model_dir)
-    model = model.float().eval()
+
+def graph_spec(cfg: ModelConfig) -> dict:
+    """onnx.json's content: each graph's file, input and output (name, shape, dtype)."""
+    size, D, L = cfg.image.image_size, cfg.embed_dim, cfg.text.context_length
+    return {
+        "embed_dim": D,
+        "normalized": True,
+        "image": {
+            "file": IMAGE_FILE,
+            "input": _tensor_spec("pixel_values", ["batch", 3, size, size], "float32"),
+            "output": _tensor_spec("image_embeddings", ["batch", D], "float32"),
+        },
+        "text": {
+            "file": TEXT_FILE,
+            "input": _tensor_spec("tokens", ["batch", L], "int64"),
+            "output": _tensor_spec("text_embeddings", ["batch", D], "float32"),
+        },
+    }
+
+
+def _export_towers(model: CoEmbed, out: Path) -> None:
+    """Trace both towers on example inputs and write their graphs into ``out``."""
     cfg = model.cfg
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise CoembedError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-
     size = cfg.image.image_size
     pixels = torch.randn(_EXAMPLE_BATCH, 3, size, size)
     tokens = torch.zeros(_EXAMPLE_BATCH, cfg.text.context_length, dtype=torch.long)
@@ -119,42 +128,25 @@ def export_onnx(model_dir: str, output_dir: str) -> list[Path]:
         )
         _export_graph(TextEncoder(model), tokens, ("tokens", "text_embeddings"), out / TEXT_FILE)
 
+
+def export_onnx(model_dir: str, output_dir: str) -> list[Path]:
+    """Export a model directory's two towers (and its tokenizer and preprocessing) to ONNX.
+
+    Returns the paths written, graphs first.
+    """
+    _require_exporter()
+    model, _tokenizer, preprocess = load_model_dir(model_dir)
+    model = model.float().eval()
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise CoembedError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    _export_towers(model, out)
     src = Path(model_dir)
     atomic_write(out / TOKENIZER_FILE, lambda tmp: shutil.copyfile(src / TOKENIZER_FILE, tmp))
-    atomic_write_text(
-        out / PREPROCESS_FILE, json.dumps({**preprocess_settings(size), **preprocess}, indent=2)
-    )
-    spec = {
-        "embed_dim": cfg.embed_dim,
-        "normalized": True,
-        "image": {
-            "file": IMAGE_FILE,
-            "input": {
-                "name": "pixel_values",
-                "shape": ["batch", 3, size, size],
-                "dtype": "float32",
-            },
-            "output": {
-                "name": "image_embeddings",
-                "shape": ["batch", cfg.embed_dim],
-                "dtype": "float32",
-            },
-        },
-        "text": {
-            "file": TEXT_FILE,
-            "input": {
-                "name": "tokens",
-                "shape": ["batch", cfg.text.context_length],
-                "dtype": "int64",
-            },
-            "output": {
-                "name": "text_embeddings",
-                "shape": ["batch", cfg.embed_dim],
-                "dtype": "float32",
-            },
-        },
-    }
-    atomic_write_text(out / SPEC_FILE, json.dumps(spec, indent=2))
+    write_preprocess(out / PREPROCESS_FILE, preprocess)
+    atomic_write_text(out / SPEC_FILE, json.dumps(graph_spec(model.cfg), indent=2))
     return [
         out / IMAGE_FILE,
         out / TEXT_FILE,

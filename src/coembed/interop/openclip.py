@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from coembed.checkpoint import atomic_write, atomic_write_text, load_model_dir
+from coembed.checkpoint import load_model_dir
 from coembed.config import ModelConfig, load_config
 from coembed.errors import CoembedError, ModelDirError
+from coembed.files import atomic_write, atomic_write_text
 
 # Entries of OpenAI / open_clip files that are not weights: the causal mask (rebuilt from the
 # config) and the hyper-parameters OpenAI's TorchScript models carry as tensors.

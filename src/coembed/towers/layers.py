@@ -141,7 +141,10 @@ class SelfAttention(nn.Module):
         (they lie after every real token of their row, behind the causal or padding mask).
         """
         C = x.shape[1]
-        qkv = x.new_zeros(B * T, 3 * C).index_copy(0, rows, self.qkv(x))
+        projected = self.qkv(x)  # (N, 3C)
+        # The buffer takes the projection's dtype, not the input's: under CUDA autocast the
+        # projection is half precision while x stays fp32, and index_copy does not promote.
+        qkv = projected.new_zeros(B * T, 3 * C).index_copy(0, rows, projected)  # (B*T, 3C)
         q, k, v = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None

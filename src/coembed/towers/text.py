@@ -69,7 +69,8 @@ class TextTower(nn.Module):
             h = x.reshape(B * T, C).index_select(0, rows)  # (N, C)
             for block in self.blocks:
                 h = block.forward_packed(h, rows, B, T, mask, causal)
-            x = h.new_zeros(B * T, C).index_copy(0, rows, self.ln_final(h)).view(B, T, C)
+            h = self.ln_final(h)  # (N, C), in the dtype autocast gives it (see forward_packed)
+            x = h.new_zeros(B * T, C).index_copy(0, rows, h).view(B, T, C)  # (B, T, C)
         else:
             for block in self.blocks:
                 x = block(x, mask=mask, causal=causal)

@@ -11,7 +11,9 @@ weighted terms::
 Text terms are in double quotes (``\\"`` is a literal quote inside); image terms are
 ``image:"path"`` or ``image:path`` (no spaces). Each term is embedded and L2-normalized, the
 weighted sum is renormalized, and that unit vector is what the index searches. On the command
-line ``--image a.png '- "red" + "blue"'`` puts the image in front as the first term.
+line ``--image a.png '- "red" + "blue"'`` puts the image in front as the first term
+(``command_line_query``). ``combine_terms`` is the arithmetic itself, shared by ``embed_query``
+and the server.
 
 Mistakes (an unbalanced quote, an empty query, an operator with nothing after it, two terms
 with no operator between them, a bare word outside quotes) raise one ``UsageError`` naming the
@@ -25,11 +27,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from coembed.errors import ImageError, UsageError
+
+if TYPE_CHECKING:
+    from coembed.embedder import Embedder
 
 _NUMBER = re.compile(r"\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?")
 # Larger weights overflow the weighted sum of unit vectors (and say nothing a smaller one cannot).
@@ -39,6 +44,8 @@ _WEIGHTED_WORDS = re.compile(r"^\s*(\d+\.?\d*|\.\d+)\s*\*\s*(.+)$", re.S)
 
 @dataclass(frozen=True)
 class Term:
+    """One weighted term of a query: a text or an image path."""
+
     weight: float
     kind: Literal["text", "image"]
     value: str
@@ -51,6 +58,8 @@ class Term:
 
 @dataclass(frozen=True)
 class Query:
+    """A compositional query: a sum of weighted terms (one unweighted text term: plain text)."""
+
     terms: tuple[Term, ...]
 
     def __str__(self) -> str:
@@ -63,6 +72,7 @@ class Query:
 
     @property
     def is_plain_text(self) -> bool:
+        """Whether the query is one unweighted text, searched as the text itself."""
         return len(self.terms) == 1 and self.terms[0].kind == "text" and self.terms[0].weight == 1
 
 
@@ -199,33 +209,38 @@ def _quote_word(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def cli_query(query: str | Sequence[str] | None, image: str | os.PathLike | None = None) -> Query:
+def _join_shell_words(words: Sequence[str]) -> str:
+    """One query string from the shell's words: each word is an operator, a term or a weight."""
+    parts = []
+    for word in words:
+        weighted = _WEIGHTED_WORDS.match(word)
+        if word in ("+", "-") or '"' in word or word.startswith("image:"):
+            parts.append(word)
+        elif weighted:
+            parts.append(f"{weighted.group(1)}*{_quote_word(weighted.group(2))}")
+        else:
+            parts.append(_quote_word(word))
+    return " ".join(parts)
+
+
+def command_line_query(
+    words: str | Sequence[str] | None, image: str | os.PathLike | None = None
+) -> Query:
     """The query of ``coembed search``: the positional text and ``--image``, as one Query.
 
-    ``query`` may also be the shell's word list (``"a red circle" - "red"`` typed without outer
+    ``words`` may be the shell's word list (``"a red circle" - "red"`` typed without outer
     quotes arrives as ``['a red circle', '-', 'red']``): each word is then an operator or a term.
     With ``--image`` the image is the first term and the text, if any, follows it.
     """
-    if isinstance(query, (list, tuple)):
-        if len(query) == 1:
-            query = query[0]
-        elif query:
-            parts = []
-            for word in query:
-                weighted = _WEIGHTED_WORDS.match(word)
-                if word in ("+", "-") or '"' in word or word.startswith("image:"):
-                    parts.append(word)
-                elif weighted:
-                    parts.append(f"{weighted.group(1)}*{_quote_word(weighted.group(2))}")
-                else:
-                    parts.append(_quote_word(word))
-            query = " ".join(parts)
-        else:
-            query = None
+    query: str | None
+    if isinstance(words, (list, tuple)):
+        query = words[0] if len(words) == 1 else (_join_shell_words(words) if words else None)
+    else:
+        query = words  # type: ignore[assignment]
     if image is None:
         if query is None:
             raise UsageError("give a text query or --image PATH")
-        return parse_query(query)  # type: ignore[arg-type]
+        return parse_query(query)
     first = Term(1.0, "image", os.fspath(image))
     if query is None or not str(query).strip():
         return Query((first,))
@@ -248,7 +263,25 @@ def check_images(query: Query) -> None:
             open_image(term.value)
 
 
-def embed_query(query: Query | str, embedder) -> np.ndarray:
+def combine_terms(query: Query, vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """The query's (D,) float32 unit vector from one (D,) vector per term, in the query's order.
+
+    THE query arithmetic: each term's vector is L2-normalized, weighted, summed, and the sum
+    renormalized. Raises UsageError when the terms cancel out (the sum is zero).
+    """
+    if len(vectors) != len(query.terms):
+        raise ValueError(f"{len(vectors)} vectors for the {len(query.terms)} terms of {query}")
+    total = np.zeros(np.shape(vectors[0])[-1], np.float64)  # (D,)
+    for term, vector in zip(query.terms, vectors):
+        vector = np.asarray(vector, np.float64).reshape(-1)  # (D,)
+        total += term.weight * vector / max(np.linalg.norm(vector), 1e-12)
+    norm = np.linalg.norm(total)
+    if norm < 1e-6:
+        raise UsageError(f"query {str(query)!r}: the terms cancel out (the sum is zero)")
+    return (total / norm).astype(np.float32)
+
+
+def embed_query(query: Query | str, embedder: Embedder) -> np.ndarray:
     """The query's unit vector, (D,) float32: sum of weight * normalized term, renormalized."""
     if isinstance(query, str):
         query = parse_query(query)
@@ -257,11 +290,5 @@ def embed_query(query: Query | str, embedder) -> np.ndarray:
     images = [t.value for t in query.terms if t.kind == "image"]
     text_emb = iter(embedder.embed_texts(texts)) if texts else iter(())
     image_emb = iter(embedder.embed_images(images)) if images else iter(())
-    total = np.zeros(embedder.dim, np.float64)
-    for term in query.terms:
-        vec = np.asarray(next(text_emb if term.kind == "text" else image_emb), np.float64)
-        total += term.weight * vec / max(np.linalg.norm(vec), 1e-12)
-    norm = np.linalg.norm(total)
-    if norm < 1e-6:
-        raise UsageError(f"query {str(query)!r}: the terms cancel out (the sum is zero)")
-    return (total / norm).astype(np.float32)
+    vectors = [next(text_emb if term.kind == "text" else image_emb) for term in query.terms]
+    return combine_terms(query, vectors)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from coembed.files import atomic_write
+
 # Saturated object colours, far apart in hue; backgrounds are kept desaturated so the colour
 # word is never ambiguous.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -335,12 +337,13 @@ def _rng(seed: int, split: int, index: int) -> np.random.Generator:
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["filepath", "caption"])
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["filepath", "caption"])
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def generate(

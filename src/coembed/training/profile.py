@@ -1,4 +1,4 @@
-"""``coembed train --profile``: how close a training step comes to the hardware's matmul rate.
+"""``train(..., profile=True)``: how close a training step comes to the hardware's matmul rate.
 
 Model FLOP utilization (MFU) here is the FLOPs of one training step (forward + backward, counted
 by torch's FlopCounterMode on the real batch) divided by the step's wall time, as a fraction of
@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import torch
 
-from coembed.checkpoint import atomic_write_text
+from coembed.device import autocast_dtype
+from coembed.files import atomic_write_text
+from coembed.training.run import TrainRun
+from coembed.training.step import forward_loss, train_step
 
 
 def measured_matmul_flops(
@@ -36,11 +40,9 @@ def measured_matmul_flops(
     return 2 * n**3 / best
 
 
-def step_flops(run, images: torch.Tensor, captions: list[str]) -> int:
+def step_flops(run: TrainRun, images: torch.Tensor, captions: list[str]) -> int:
     """FLOPs of one forward + backward of the model and loss on this batch."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    from coembed.train import forward_loss
 
     tokens = run.tokenizer(captions).to(run.device)
     images = images.to(run.device)
@@ -51,24 +53,25 @@ def step_flops(run, images: torch.Tensor, captions: list[str]) -> int:
     return counter.get_total_flops()
 
 
-def profile_run(run, steps: int = 10) -> dict:
+def endless_batches(run: TrainRun) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """This rank's batches, epoch after epoch: small data runs out of batches within a profile."""
+    epoch = 0
+    while True:
+        yield from run.data.epoch_batches(
+            epoch,
+            run.cfg.train.seed,
+            run.per_rank_batch,
+            rank=run.dist.rank,
+            world_size=run.dist.world,
+        )
+        epoch += 1
+
+
+def profile_run(run: TrainRun, steps: int = 10) -> dict:
     """Time ``steps`` real training steps after two warm-up steps; write profile.json and a
     torch.profiler table (profile.txt) into the run folder; return the figures."""
-    from coembed.device import autocast_dtype
-    from coembed.train import train_step
-
     per_rank = run.per_rank_batch
-
-    def endless():
-        # Small data runs out of batches within the profile: go on into the next epochs.
-        epoch = 0
-        while True:
-            yield from run.data.epoch_batches(
-                epoch, run.cfg.train.seed, per_rank, rank=run.dist.rank, world_size=run.dist.world
-            )
-            epoch += 1
-
-    batches = endless()
+    batches = endless_batches(run)
     first_images, first_captions = next(batches)
     flops = step_flops(run, first_images, first_captions)
     for _ in range(2):
@@ -103,6 +106,7 @@ def profile_run(run, steps: int = 10) -> dict:
 
 
 def format_profile(result: dict) -> str:
+    """One line: samples/s, ms and GFLOP per step, achieved and measured peak rate, MFU."""
     return (
         f"{result['samples_per_second']:.1f} samples/s per process on {result['device']} "
         f"({result['step_seconds'] * 1000:.0f} ms/step, {result['step_gflop']:.1f} GFLOP/step): "

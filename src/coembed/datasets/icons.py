@@ -85,6 +85,8 @@ from pathlib import Path
 from PIL import Image
 
 from coembed.errors import DataError, UsageError
+from coembed.files import atomic_write, atomic_write_text
+from coembed.progress import progress_bar
 
 FALLBACK_THEMES = ("default", "hicolor", "locolor")
 EXTENSIONS = (".svg", ".svgz", ".png", ".xpm")  # also the preference at one size
@@ -194,8 +196,10 @@ def readable_name(name: str, context: str) -> str:
 
 
 def caption_for(name: str, context: str) -> str:
-    """The caption of icon ``name`` in output context folder ``context``, e.g.
-    ``caption_for("audio-volume-high", "status") == "audio volume high, status icon"``."""
+    """The caption of icon ``name`` in output context folder ``context``.
+
+    ``caption_for("audio-volume-high", "status") == "audio volume high, status icon"``.
+    """
     words = readable_name(name, context)
     return f"{words}, {CONTEXT_PHRASES[context]}" if context in CONTEXT_PHRASES else f"{words} icon"
 
@@ -207,6 +211,7 @@ def context_folder(context: str) -> str:
 
 
 def is_symbolic(name: str) -> bool:
+    """Whether ``name`` is a monochrome ``-symbolic`` glyph (left out of the dataset)."""
     # Adwaita also ships pre-rendered "foo-symbolic.symbolic.png"; right-to-left glyphs are
     # "foo-symbolic-rtl" (and "-ltr").
     return name.endswith(("-symbolic", ".symbolic", "-symbolic-rtl", "-symbolic-ltr"))
@@ -228,6 +233,8 @@ class IconDir:
 
 @dataclass
 class Theme:
+    """An icon theme: its name, its folders and the icon folders its index.theme lists."""
+
     name: str
     folders: list[Path]  # the theme's folder in each icon folder that has one, search order
     icon_dirs: list[IconDir] = field(default_factory=list)
@@ -265,6 +272,7 @@ class ThemeScan:
 
     @property
     def names(self) -> set[str]:
+        """The icon names with at least one usable file."""
         return set(self.candidates)
 
     def picks(self, size: int) -> dict[str, Candidate]:
@@ -274,6 +282,7 @@ class ThemeScan:
         return self._picks
 
     def found(self) -> int:
+        """Icon names found: usable or skipped."""
         return len(self.candidates) + len(self.skipped)
 
 
@@ -488,19 +497,14 @@ def _render_task(task: tuple[str, str, int]) -> str | None:
         picture = render_icon(src, size)
     except RenderError as e:
         return e.reason
-    tmp = f"{dst}.tmp"
-    picture.save(tmp, format="PNG")
-    os.replace(tmp, dst)
+    atomic_write(dst, lambda tmp: picture.save(tmp, format="PNG"))
     return None
 
 
 def _render_all(tasks: list[tuple[str, str, int]], workers: int, desc: str) -> list[str | None]:
-    from tqdm import tqdm
-
     for _, dst, _ in tasks:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-    quiet = os.environ.get("COEMBED_NO_PROGRESS") == "1"
-    bar = tqdm(total=len(tasks), desc=desc, unit="icon", disable=True if quiet else None)
+    bar = progress_bar(total=len(tasks), desc=desc, unit="icon")
     results: list[str | None] = []
     with bar:
         if workers <= 1 or len(tasks) < 200:
@@ -530,9 +534,11 @@ class Picture:
 
     @property
     def filepath(self) -> str:
+        """The picture's path in the output folder, as the CSVs name it."""
         return f"images/{self.theme}/{self.context}/{self.name}.png"
 
     def row(self) -> dict[str, str]:
+        """The CSV row: filepath, caption, theme, name, context."""
         caption = caption_for(self.name, self.context)
         return {
             "filepath": self.filepath,
@@ -545,6 +551,8 @@ class Picture:
 
 @dataclass
 class ThemeStats:
+    """One theme's counts: names found and kept, skips by reason, and its split."""
+
     found: int = 0
     kept: int = 0
     split: str = ""
@@ -553,6 +561,7 @@ class ThemeStats:
     files: Counter = field(default_factory=Counter)
 
     def as_json(self) -> dict:
+        """The theme's entry in stats.json."""
         out = {
             "split": self.split,
             "found": self.found,
@@ -577,8 +586,11 @@ class IconDatasetReport:
     seconds: float = 0.0
 
     def table(self) -> str:
-        """One table: a line per theme (its split, names found and kept, skips by reason),
-        totals, rows per split; themes without icons are named on one line below."""
+        """The build as one table: a line per theme, totals, and rows per split.
+
+        Each theme's line holds its split, names found and kept, and skips by reason; themes
+        without icons are named on one line below.
+        """
         shown = {n: s for n, s in self.themes.items() if s.found}
         total = ThemeStats()
         for s in shown.values():
@@ -789,8 +801,6 @@ def _plan_theme(
 
 
 def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    from coembed.checkpoint import atomic_write  # lazily: checkpoint loads torch
-
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
@@ -813,7 +823,7 @@ def _readme(report: IconDatasetReport, argv_text: str) -> str:
         f"Each picture is one icon name of one theme, an RGB PNG of {report.size}x{report.size} "
         "on white. Captions come from the icon name and its context (e.g. "
         '"audio volume high, status icon"); the rules are in the docstring of '
-        "`coembed.data.icons`. Validation and test themes are never trained on, and keep only "
+        "`coembed.datasets.icons`. Validation and test themes are never trained on, and keep only "
         "names the training themes also have.",
         "",
         "| split | themes | rows |",
@@ -831,34 +841,44 @@ def _readme(report: IconDatasetReport, argv_text: str) -> str:
     return "\n".join(lines)
 
 
-def build_icon_dataset(
-    output: str | os.PathLike,
-    themes: Sequence[str] | None = None,
-    roots: Sequence[str | os.PathLike] = (),
-    size: int = 64,
-    val_themes: Sequence[str] = (),
-    test_themes: Sequence[str] = (),
-    max_per_theme: int | None = None,
-    workers: int | None = None,
-) -> IconDatasetReport:
-    """Build the cross-theme icon dataset in ``output`` (see the module docstring).
-
-    Returns the report (rows per split, per-theme counts). Raises ``DataError`` for a missing
-    root, a theme that is not installed or nothing usable, and ``UsageError`` for bad values.
-    """
-    start = time.monotonic()
+def _checked_theme_options(
+    size: int, max_per_theme: int | None, val_themes: Sequence[str], test_themes: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """The val and test theme lists without repeats; ``UsageError`` for a bad size, cap or overlap."""
     if not 8 <= size <= 1024:
         raise UsageError(f"--size {size}: give a picture side between 8 and 1024 pixels")
     if max_per_theme is not None and max_per_theme < 1:
         raise UsageError(f"--max-per-theme {max_per_theme}: give 1 or more")
-    val_themes, test_themes = list(dict.fromkeys(val_themes)), list(dict.fromkeys(test_themes))
-    if set(val_themes) & set(test_themes):
+    val, test = list(dict.fromkeys(val_themes)), list(dict.fromkeys(test_themes))
+    if set(val) & set(test):
         raise UsageError(
-            f"{', '.join(sorted(set(val_themes) & set(test_themes)))}: a theme can be in "
+            f"{', '.join(sorted(set(val) & set(test)))}: a theme can be in "
             "--val-themes or --test-themes, not both"
         )
-    out = Path(output)
-    _check_output(out)
+    return val, test
+
+
+@dataclass
+class _Plan:
+    """What a build will draw: the themes, their scans and counts, and the split of each."""
+
+    selected: list[str]  # every theme looked at, in order
+    scans: dict[str, ThemeScan]
+    stats: dict[str, ThemeStats]
+    usable: list[str]  # themes with icons that are not a variant of another
+    val: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    splits: dict[str, list[str]] = field(default_factory=dict)  # split -> theme names
+
+
+def _scan_themes(
+    themes: Sequence[str] | None,
+    roots: Sequence[str | os.PathLike],
+    size: int,
+    val_themes: list[str],
+    test_themes: list[str],
+) -> _Plan:
+    """Find and scan the selected themes and leave out variants; splits are chosen next."""
     found_themes, icon_roots = discover_themes(roots)
     selected = _select(found_themes, themes, val_themes, test_themes)
     scans = {name: scan_theme(found_themes[name], icon_roots) for name in selected}
@@ -884,73 +904,131 @@ def build_icon_dataset(
             stats[name].split = "none"
     if len(usable) < 3:
         raise _too_few_themes(selected, usable, variants, stats)
+    return _Plan(selected, scans, stats, usable)
+
+
+def _choose_splits(plan: _Plan, val_themes: list[str], test_themes: list[str]) -> None:
+    """Fill in ``plan``'s val, test and train themes (the defaults: see the module docstring)."""
+    usable = plan.usable
     missing = [t for t in [*val_themes, *test_themes] if t not in usable]
     if missing:
         raise UsageError(f"{', '.join(missing)}: no usable icons, cannot be a val/test theme")
-    names = {n: scans[n].names for n in usable}
-    val, test = _default_splits(usable, names, val_themes, test_themes)
-    split_of = {n: "val" if n in val else "test" if n in test else "train" for n in usable}
-    splits = {s: [n for n in usable if split_of[n] == s] for s in SPLITS}
-    if not splits["train"]:
+    names = {n: plan.scans[n].names for n in usable}
+    plan.val, plan.test = _default_splits(usable, names, val_themes, test_themes)
+    split_of = {
+        n: "val" if n in plan.val else "test" if n in plan.test else "train" for n in usable
+    }
+    plan.splits = {s: [n for n in usable if split_of[n] == s] for s in SPLITS}
+    if not plan.splits["train"]:
         raise UsageError(
             f"--val-themes and --test-themes take every usable theme ({', '.join(usable)}); "
             "leave at least one for training"
         )
-    popularity = Counter(name for n in usable for name in names[n])
-    contexts = _name_contexts([scans[n] for n in usable], size)
 
+
+def _render_split(
+    planned: list[Picture],
+    stats: dict[str, ThemeStats],
+    out: Path,
+    size: int,
+    workers: int,
+    split: str,
+) -> list[dict[str, str]]:
+    """Draw one split's pictures into ``out``; returns the rows of those drawn, counts the rest."""
+    tasks = [(p.source, str(out / p.filepath), size) for p in planned]
+    results = _render_all(tasks, workers, f"rendering {split}")
+    rows = []
+    for picture, reason in zip(planned, results):
+        if reason:
+            stats[picture.theme].skipped[reason] += 1
+        else:
+            stats[picture.theme].kept += 1
+            rows.append(picture.row())
+    return rows
+
+
+def _render_splits(
+    plan: _Plan, out: Path, size: int, max_per_theme: int | None, workers: int
+) -> dict[str, list[dict[str, str]]]:
+    """Clear the old build and draw every split, train first; returns split -> CSV rows."""
     for name in (out / "train.csv", out / "val.csv", out / "test.csv"):
         name.unlink(missing_ok=True)  # no CSV may name a picture of the old build
     shutil.rmtree(out / "images", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    workers = workers or min(os.cpu_count() or 1, 4)
+    usable = plan.usable
+    popularity = Counter(name for n in usable for name in plan.scans[n].names)
+    contexts = _name_contexts([plan.scans[n] for n in usable], size)
     digests: dict[str, str] = {}
     taken: set[str] = set()
     rows: dict[str, list[dict[str, str]]] = {}
     allowed: set[str] | None = None
     for split in SPLITS:
         planned = []
-        for name in splits[split]:
-            stats[name].split = split
+        for name in plan.splits[split]:
+            plan.stats[name].split = split
             planned += _plan_theme(
-                name, scans[name], stats[name], popularity, contexts, size, digests, taken,
-                allowed, max_per_theme,
+                name, plan.scans[name], plan.stats[name], popularity, contexts, size, digests,
+                taken, allowed, max_per_theme,
             )  # fmt: skip
-        tasks = [(p.source, str(out / p.filepath), size) for p in planned]
-        results = _render_all(tasks, workers, f"rendering {split}")
-        rows[split] = []
-        for picture, reason in zip(planned, results):
-            if reason:
-                stats[picture.theme].skipped[reason] += 1
-            else:
-                stats[picture.theme].kept += 1
-                rows[split].append(picture.row())
+        rows[split] = _render_split(planned, plan.stats, out, size, workers, split)
         if split == "train":
             allowed = {row["name"] for row in rows["train"]}
         if not rows[split]:
-            shown = ", ".join(splits[split])
+            shown = ", ".join(plan.splits[split])
             raise DataError(
                 f"nothing usable in the {split} split ({shown}): no picture kept"
                 + (" shares a name with the training themes" if split != "train" else "")
                 + "; pick other themes with --val-themes/--test-themes or raise --max-per-theme"
             )
-    report = IconDatasetReport(out, size, splits, rows, stats)
-    report.seconds = time.monotonic() - start
+    return rows
+
+
+def _write_tables(report: IconDatasetReport, plan: _Plan, max_per_theme: int | None) -> None:
+    """stats.json and README.md, then the CSVs last: a CSV only ever names pictures on disk."""
+    out, size = report.output, report.size
     stats_json = {
         "size": size,
         "max_per_theme": max_per_theme,
-        "splits": {s: {"themes": splits[s], "rows": len(rows[s])} for s in SPLITS},
-        "themes": {n: s.as_json() for n, s in stats.items()},
+        "splits": {s: {"themes": plan.splits[s], "rows": len(report.rows[s])} for s in SPLITS},
+        "themes": {n: s.as_json() for n, s in plan.stats.items()},
     }
-    from coembed.checkpoint import atomic_write_text  # lazily: checkpoint loads torch
-
     atomic_write_text(out / "stats.json", json.dumps(stats_json, indent=2, sort_keys=True) + "\n")
     argv = ["coembed data icons --output DIR", f"--size {size}"]
-    argv.append(f"--themes {' '.join(selected)}")
-    argv += [f"--val-themes {' '.join(val)}", f"--test-themes {' '.join(test)}"]
+    argv.append(f"--themes {' '.join(plan.selected)}")
+    argv += [f"--val-themes {' '.join(plan.val)}", f"--test-themes {' '.join(plan.test)}"]
     if max_per_theme is not None:
         argv.append(f"--max-per-theme {max_per_theme}")
     atomic_write_text(out / "README.md", _readme(report, " \\\n    ".join(argv)))
     for split in SPLITS:
-        _write_csv(out / f"{split}.csv", rows[split])
+        _write_csv(out / f"{split}.csv", report.rows[split])
+
+
+def build_icon_dataset(
+    output: str | os.PathLike,
+    *,
+    themes: Sequence[str] | None = None,
+    roots: Sequence[str | os.PathLike] = (),
+    size: int = 64,
+    val_themes: Sequence[str] = (),
+    test_themes: Sequence[str] = (),
+    max_per_theme: int | None = None,
+    workers: int | None = None,
+) -> IconDatasetReport:
+    """Build the cross-theme icon dataset in ``output`` (see the module docstring).
+
+    Returns the report (rows per split, per-theme counts). Raises ``DataError`` for a missing
+    root, a theme that is not installed or nothing usable, and ``UsageError`` for bad values.
+    """
+    start = time.monotonic()
+    val, test = _checked_theme_options(size, max_per_theme, val_themes, test_themes)
+    out = Path(output)
+    _check_output(out)
+    # Every check runs before the old build is touched: a refused build deletes nothing.
+    plan = _scan_themes(themes, roots, size, val, test)
+    _choose_splits(plan, val, test)
+    workers = workers or min(os.cpu_count() or 1, 4)
+    rows = _render_splits(plan, out, size, max_per_theme, workers)
+    report = IconDatasetReport(out, size, plan.splits, rows, plan.stats)
+    report.seconds = time.monotonic() - start
+    _write_tables(report, plan, max_per_theme)
     return report

@@ -1,0 +1,347 @@
+"""The Index: unit vectors in FAISS plus, per vector, an item (image path or text) and captions.
+
+An index built with ``auto`` moves up a kind when ``add`` grows it past a threshold (see
+``coembed.index.kinds``), reusing the stored vectors (flat and HNSW keep them), so nothing is
+embedded again. An explicit kind is kept. Files on disk: ``coembed.index.store``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from coembed.errors import CoembedError, IndexError_, UsageError
+from coembed.index import store
+from coembed.index.inputs import ImagesInput, TextsInput, embed_inputs
+from coembed.index.kinds import (
+    KINDS,
+    add_in_chunks,
+    apply_search_params,
+    check_kind,
+    choose_kind,
+    new_faiss_index,
+)
+from coembed.index.query import Query, check_images, embed_query, parse_query
+
+if TYPE_CHECKING:
+    from coembed.embedder import Embedder
+
+__all__ = ["KINDS", "Index"]
+
+
+class Index:
+    """Unit vectors in FAISS plus, per vector, an item (image path or text) and its captions."""
+
+    def __init__(
+        self,
+        faiss_index: Any,
+        items: list[str],
+        *,
+        kind: str,
+        requested_kind: str = "auto",
+        modality: str = "image",
+        model: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        captions: list[list[str]] | None = None,
+        skipped: list[list[str]] | None = None,
+        embedder: Embedder | None = None,
+        model_files: Path | None = None,
+        device: str = "auto",
+    ):
+        self.faiss = faiss_index
+        self.items = items
+        self.kind = kind
+        self.requested_kind = requested_kind
+        self.modality = modality
+        self.model = model or {
+            "dir": None,
+            "config_digest": None,
+            "weights_digest": None,
+            "embed_dim": faiss_index.d,
+        }
+        self.params = params or {}
+        self.captions = captions if captions is not None else [[] for _ in items]
+        self.skipped = skipped or []
+        self._embedder = embedder
+        self._model_files = model_files  # where the model's files are, to copy them on save
+        self._device = device
+
+    # -- construction --
+
+    @classmethod
+    def from_vectors(
+        cls,
+        vectors: np.ndarray,
+        items: Sequence[str],
+        kind: str = "auto",
+        *,
+        modality: str = "image",
+        captions: list[list[str]] | None = None,
+        embedder: Embedder | None = None,
+        progress: bool = False,
+    ) -> Index:
+        """An index over given unit rows ``vectors`` (N, D) naming ``items``; no embedding."""
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(items):
+            raise ValueError(f"expected (N, D) vectors for {len(items)} items, got {vectors.shape}")
+        check_kind(kind)
+        actual = choose_kind(len(vectors)) if kind == "auto" else kind
+        index, params = new_faiss_index(actual, vectors)
+        add_in_chunks(index, vectors, progress)
+        identity = store.model_identity(embedder) if embedder is not None else None
+        files = Path(identity["dir"]) if identity and identity["dir"] else None
+        return cls(
+            index,
+            list(items),
+            kind=actual,
+            requested_kind=kind,
+            modality=modality,
+            model=identity,
+            params=params,
+            captions=captions,
+            embedder=embedder,
+            model_files=files,
+        )
+
+    @classmethod
+    def build(
+        cls,
+        embedder: Embedder,
+        images: ImagesInput | None = None,
+        texts: TextsInput | None = None,
+        kind: str = "auto",
+        *,
+        batch_size: int = 64,
+        image_key: str = "filepath",
+        caption_key: str = "caption",
+        progress: bool = True,
+    ) -> Index:
+        """Embed images (a folder, a dataset file or a list of paths) or texts (a file with one
+        per line, or a list) and index them. Undecodable images are skipped and listed in
+        ``index.skipped``; raises CoembedError when nothing is left to index.
+        """
+        if (images is None) == (texts is None):
+            raise UsageError("give exactly one of images= or texts=")
+        check_kind(kind)
+        new = embed_inputs(
+            embedder,
+            images,
+            texts,
+            batch_size=batch_size,
+            image_key=image_key,
+            caption_key=caption_key,
+            progress=progress,
+        )
+        if not new.items:
+            raise CoembedError("nothing to index: no readable images or non-empty texts")
+        index = cls.from_vectors(
+            new.vectors,
+            new.items,
+            kind,
+            modality="image" if images is not None else "text",
+            captions=new.captions,
+            embedder=embedder,
+            progress=progress,
+        )
+        index.skipped = new.skipped
+        return index
+
+    # -- the basics --
+
+    def __len__(self) -> int:
+        return int(self.faiss.ntotal)
+
+    @property
+    def dim(self) -> int:
+        """The vectors' dimension D."""
+        return int(self.faiss.d)
+
+    @property
+    def embedder(self) -> Embedder:
+        """The model that built the index, loaded from the index's own copy on first use."""
+        if self._embedder is None:
+            if self._model_files is None and self.model.get("dir"):
+                raise IndexError_(
+                    f"the index's copy of its model is missing and {self.model['dir']} is gone "
+                    "or now holds another model; rebuild the index"
+                )
+            if self._model_files is None:
+                raise IndexError_(
+                    "this index stores no model (it was built from vectors); "
+                    "pass embedder= to Index.load to embed queries"
+                )
+            from coembed.embedder import load
+
+            self._embedder = load(self._model_files, device=self._device)
+        return self._embedder
+
+    # -- adding --
+
+    def add(
+        self,
+        images: ImagesInput | None = None,
+        texts: TextsInput | None = None,
+        *,
+        batch_size: int = 64,
+        image_key: str = "filepath",
+        caption_key: str = "caption",
+        progress: bool = True,
+    ) -> dict[str, int]:
+        """Embed and append new items (ones already indexed are left alone); no rebuild.
+
+        Returns ``{"added", "already_indexed", "skipped"}``.
+        """
+        if (images is None) == (texts is None):
+            raise UsageError("give exactly one of images= or texts=")
+        wanted = "image" if images is not None else "text"
+        if wanted != self.modality:
+            other = "--images" if self.modality == "image" else "--texts"
+            raise UsageError(f"this is {self.modality} index: add to it with {other}")
+        new = embed_inputs(
+            self.embedder,
+            images,
+            texts,
+            batch_size=batch_size,
+            image_key=image_key,
+            caption_key=caption_key,
+            progress=progress,
+            skip=set(self.items),
+        )
+        before = len(self)
+        self.add_vectors(new.vectors, new.items, new.captions, progress=progress)
+        self.skipped.extend(new.skipped)
+        return {
+            "added": len(self) - before,
+            "already_indexed": new.repeats,
+            "skipped": len(new.skipped),
+        }
+
+    def add_vectors(
+        self,
+        vectors: np.ndarray,
+        items: Sequence[str],
+        captions: list[list[str]] | None = None,
+        progress: bool = False,
+    ) -> None:
+        """Append unit rows and their items; an ``auto`` index moves up a kind when it outgrows it."""
+        vectors = np.ascontiguousarray(vectors, np.float32).reshape(-1, self.dim)  # (N, D)
+        if len(vectors) != len(items):
+            raise ValueError(f"{len(vectors)} vectors for {len(items)} items")
+        if not len(vectors):
+            return
+        wanted = choose_kind(len(self) + len(vectors))
+        if self.requested_kind == "auto" and wanted != self.kind and self.kind != "ivfpq":
+            # Flat and HNSW keep the raw vectors, so moving up is a re-add, not a re-embed.
+            old = self.faiss.reconstruct_n(0, len(self))  # (len(self), D)
+            self.faiss, self.params = new_faiss_index(wanted, np.concatenate([old, vectors]))
+            self.kind = wanted
+            add_in_chunks(self.faiss, old, progress)
+        add_in_chunks(self.faiss, vectors, progress)
+        self.items.extend(items)
+        self.captions.extend(captions if captions is not None else [[] for _ in items])
+
+    # -- searching --
+
+    def query_vector(self, query: Any) -> np.ndarray:
+        """(1, D) float32 for a vector, a query string (plain or compositional), a Query, or an
+        image (path or PIL image)."""
+        if isinstance(query, np.ndarray):
+            # Vectors are searched as given (unit rows, as embed_* returns them): no copy when
+            # they are already contiguous float32, which keeps the per-query cost at FAISS's.
+            if query.dtype != np.float32 or not query.flags.c_contiguous:
+                query = np.ascontiguousarray(query, np.float32)
+            return query.reshape(1, -1)
+        if isinstance(query, str):
+            query = parse_query(query)
+        if isinstance(query, Query):
+            check_images(query)  # before loading the model: a bad path fails fast
+            return embed_query(query, self.embedder)[None, :]
+        return self.embedder.embed_images([query])[:1]
+
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Trade speed for recall: HNSW's ``efSearch`` (default 128) or IVF-PQ's ``nprobe``
+        (default 32); saved with the index. Flat search is exact and has neither."""
+        if ef_search is not None and self.kind == "hnsw":
+            self.params["efSearch"] = int(ef_search)
+        if nprobe is not None and self.kind == "ivfpq":
+            self.params["nprobe"] = int(nprobe)
+        apply_search_params(self.faiss, self.kind, self.params)
+
+    def search_ids(self, query: Any, k: int = 10) -> tuple[list[int], list[float]]:
+        """Ids and scores of the ``k`` nearest items, best first."""
+        # FAISS allocates (1, k) results up front: --k 10**12 must not ask for terabytes.
+        k = max(1, min(int(k), len(self)))
+        scores, ids = self.faiss.search(self.query_vector(query), k)  # (1, k) each
+        ids_list = ids[0].tolist()
+        # FAISS pads with -1 when fewer than k results exist.
+        n = ids_list.index(-1) if -1 in ids_list else len(ids_list)
+        return ids_list[:n], scores[0].tolist()[:n]
+
+    def search(self, query: Any, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` best ``(item, score)`` pairs, best first; score is the cosine similarity
+        (approximate for ivfpq). ``query``: text, compositional query, image path, PIL image or
+        a unit vector."""
+        ids, scores = self.search_ids(query, k)
+        items = self.items
+        return [(items[i], s) for i, s in zip(ids, scores)]
+
+    # -- files --
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, embedder: Embedder | None = None, device: str = "auto"
+    ) -> Index:
+        """Load an index directory. With ``embedder``, check that it is the model that built the
+        index (IndexError_ if not); without, the index's own model copy is loaded on first use."""
+        root = Path(directory)
+        index, meta, manifest = store.read_index_files(root)
+        apply_search_params(index, manifest["kind"], manifest.get("params", {}))
+        model = manifest["model"]
+        if embedder is not None:
+            given = store.model_identity(embedder)
+            if not store.same_model(model, given):
+                raise IndexError_(
+                    f"{root}: this index was built with another model: "
+                    f"{store.describe_model(model)}; the model given is "
+                    f"{store.describe_model(given)}. Use the index's own model, "
+                    "or build a new index with this one"
+                )
+        copy = root / model["copy"] if model.get("copy") else None
+        return cls(
+            index,
+            meta["items"],
+            kind=manifest["kind"],
+            requested_kind=manifest.get("requested_kind", manifest["kind"]),
+            modality=manifest["modality"],
+            model=model,
+            params=manifest.get("params", {}),
+            captions=meta.get("captions"),
+            skipped=meta.get("skipped", []),
+            embedder=embedder,
+            model_files=copy if copy and copy.is_dir() else store.model_dir_if_same(model),
+            device=device,
+        )
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the index into ``directory`` atomically (see ``coembed.index.store``); returns it."""
+        root = Path(directory)
+        meta = {"items": self.items, "captions": self.captions, "skipped": self.skipped}
+        description = {
+            "kind": self.kind,
+            "requested_kind": self.requested_kind,
+            "modality": self.modality,
+            "count": len(self),
+            "dim": self.dim,
+            "params": self.params,
+            "model": self.model,
+            "skipped": len(self.skipped),
+        }
+        written = store.write_index_files(root, self.faiss, meta, description, self._model_files)
+        self.model = written["model"]
+        if self._model_files is not None and self.model["copy"]:
+            self._model_files = root / self.model["copy"]
+        return root

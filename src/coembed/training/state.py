@@ -1,0 +1,253 @@
+"""Training state on disk: checkpoints (weights, optimizer, RNG, step) and run_config.json.
+
+A checkpoint folder is renamed into place only when complete and renamed away before it is
+deleted, so a ``step-*`` folder is always whole, whenever the process dies. run_config.json holds
+the resolved config, the config as it was asked for and the data arguments, so that ``resume``
+continues the run exactly as it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from coembed.checkpoint import WEIGHTS_FILE, load_state_strict, save_model_dir, save_weights
+from coembed.config import Config, config_from_dict, dump_json, load_config, to_dict
+from coembed.errors import CoembedError, DataError, UsageError
+from coembed.files import atomic_write_text, is_atomic_temporary
+from coembed.training.optim import optimizer_tensors, restore_optimizer
+from coembed.training.run import (
+    CHECKPOINTS,
+    RUN_CONFIG,
+    RunOptions,
+    TrainingDiverged,
+    TrainRun,
+)
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """The CPU generator's state and each CUDA device's."""
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    return rng
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Set the generators back to what ``rng_tensors`` saved (CUDA only on as many devices)."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def checkpoint_dirs(output: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (incomplete ones still have their .tmp- name)."""
+    root = output / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def remove_leftovers(output: Path) -> None:
+    """Delete what a killed run left half-done: checkpoints being written or being deleted, and
+    the temporaries of files being replaced at the top of the run folder (the model directory,
+    metrics)."""
+    root = output / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".del-")):
+                shutil.rmtree(p, ignore_errors=True)
+    for p in output.iterdir() if output.is_dir() else ():
+        if p.is_file() and is_atomic_temporary(p.name):
+            p.unlink(missing_ok=True)
+
+
+def save_checkpoint(run: TrainRun) -> Path:
+    """Write the training state into a temporary folder and rename it into place, then update the
+    model directory at the top of the run folder and drop checkpoints beyond ``keep_checkpoints``.
+    Returns the checkpoint folder."""
+    model = run.raw_model
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"weights became non-finite at step {run.step} (first: {bad[0]}); stopped without "
+            f"saving ({last_good(run.output)}). Try a lower --lr or more warmup"
+        )
+    root = run.output / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{run.step:07d}"
+    tmp = root / f".tmp-step-{run.step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    opt_tensors, opt_meta = optimizer_tensors(run.optimizer)
+    save_weights(tmp / WEIGHTS_FILE, model.state_dict(), {"step": str(run.step)})
+    save_weights(tmp / "optimizer.safetensors", opt_tensors, {})
+    save_weights(tmp / "rng.safetensors", rng_tensors(), {})
+    epoch, batch = divmod(run.step, run.batches_per_epoch)
+    state = {
+        "step": run.step,
+        # The data position is a function of the step; stored for people and for checking.
+        "epoch": epoch,
+        "batch": batch,
+        "batches_per_epoch": run.batches_per_epoch,
+        "optimizer": opt_meta,
+        "skipped": run.data.skipped,
+    }
+    atomic_write_text(tmp / "state.json", json.dumps(state))
+    if final.exists():
+        delete_checkpoint(final)
+    os.replace(tmp, final)
+    save_model_dir(model, run.tokenizer, run.output)
+    for old in checkpoint_dirs(run.output)[: -run.cfg.train.keep_checkpoints]:
+        delete_checkpoint(old)
+    return final
+
+
+def delete_checkpoint(checkpoint: Path) -> None:
+    """Delete a checkpoint folder: renamed away first, so no ``step-*`` is ever half-deleted."""
+    gone = checkpoint.with_name(f".del-{checkpoint.name}")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(checkpoint, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def last_good(output: Path) -> str:
+    """Where a stopped run can be resumed from, as a phrase for an error message."""
+    kept = checkpoint_dirs(output)
+    return (
+        f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint had been written yet"
+    )
+
+
+def load_checkpoint(run: TrainRun, path: Path) -> None:
+    """Restore weights, optimizer, RNG and step from the checkpoint folder ``path``."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(str(path / WEIGHTS_FILE))
+        opt = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CoembedError(
+            f"{path}: unreadable checkpoint ({exc}); delete it to resume from an older one"
+        ) from None
+    if state.get("batches_per_epoch", run.batches_per_epoch) != run.batches_per_epoch:
+        raise DataError(
+            f"{path}: the run had {state['batches_per_epoch']} batches per epoch, the data now "
+            f"gives {run.batches_per_epoch}; resume on the same data (images may have changed)"
+        )
+    load_state_strict(run.raw_model, weights, str(path / WEIGHTS_FILE))
+    restore_optimizer(run.optimizer, opt, state["optimizer"])
+    restore_rng(rng)
+    run.step = int(state["step"])
+
+
+# --- run_config.json -----------------------------------------------------------------------------
+
+
+def dataset_path(path: str | os.PathLike | None) -> str | None:
+    """A dataset argument as stored in run_config.json: absolute when it is a local path."""
+    if path is None:
+        return None
+    return os.path.abspath(path) if os.path.exists(path) else str(path)
+
+
+def write_run_config(options: RunOptions, cfg: Config, requested: Config) -> None:
+    """Store the resolved config, the config as asked for, the data arguments and ``init``."""
+    run_config = {
+        "config": json.loads(dump_json(cfg)),
+        "requested_config": json.loads(dump_json(requested)),
+        "train_data": dataset_path(options.train_data),
+        "val_data": dataset_path(options.val_data),
+        "split": options.split,
+        "init": options.init and os.path.abspath(options.init),
+    }
+    atomic_write_text(options.output / RUN_CONFIG, json.dumps(run_config, indent=2))
+
+
+def read_run_config(output: Path) -> dict | None:
+    """The saved run_config.json, or None when a run never got that far (nothing to resume)."""
+    path = output / RUN_CONFIG
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    for key in ("train_data", "val_data", "split", "init"):
+        saved.setdefault(key, None)
+    return saved
+
+
+def saved_request(saved: dict) -> dict:
+    """The config the saved run was asked for: stored, or (older run folders) rebuilt from the
+    recipe and ``key=value`` flags they stored instead."""
+    if "requested_config" in saved:
+        return saved["requested_config"]
+    try:
+        return to_dict(load_config(saved.get("recipe"), saved.get("flags") or []))
+    except CoembedError as exc:
+        raise UsageError(
+            f"--resume cannot compare the config given with the run's ({exc}); give no config "
+            f"(or no flags) to continue the run as saved in {RUN_CONFIG}"
+        ) from None
+
+
+def flat_items(values: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config dict as ``{"train.lr": 0.0005, ...}``."""
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_config(given: Config, saved: dict) -> None:
+    """Refuse a config given on resume that differs from the saved run's (the device may move)."""
+    now, then = flat_items(to_dict(given)), flat_items(saved_request(saved))
+    differ = sorted(
+        k for k in now.keys() | then.keys() if k != "train.device" and now.get(k) != then.get(k)
+    )
+    if differ:
+        raise UsageError(
+            f"--resume continues the run as saved in {RUN_CONFIG}, but the config given differs "
+            f"(given: {' '.join(f'{k}={now.get(k)}' for k in differ)}; "
+            f"saved: {' '.join(f'{k}={then.get(k)}' for k in differ)}); "
+            "give no config (no flags) to continue as saved, or repeat the original one"
+        )
+
+
+def check_same_data(options: RunOptions, saved: dict) -> None:
+    """Refuse data given on resume that is not the data the run started with."""
+    given = {
+        "train_data": dataset_path(options.train_data),
+        "val_data": dataset_path(options.val_data),
+        "split": options.split,
+    }
+    for name, value in given.items():
+        if value is not None and value != saved[name]:
+            raise UsageError(
+                f"--resume continues the run on its own data: {name.replace('_', '-')} was "
+                f"{saved[name]}, now {value}"
+            )
+
+
+def resumed_config(saved: dict, given: Config | None, options: RunOptions) -> Config:
+    """The saved run's resolved config, on the device named (by ``options`` or the config given).
+
+    A config or data given again must be those the run started with (UsageError otherwise)."""
+    if given is not None:
+        check_same_config(given, saved)
+    check_same_data(options, saved)
+    cfg = config_from_dict(saved["config"])
+    device = options.device or (given.train.device if given is not None else None)
+    if device not in (None, "auto"):
+        cfg.train.device = device  # a run may move to another device
+    return cfg
