@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+import coembed.index.store as store
 from coembed.errors import CoembedError, IndexError_, UsageError
-from coembed.index import store
 from coembed.index.inputs import ImagesInput, TextsInput, embed_inputs
 from coembed.index.kinds import (
     KINDS,
