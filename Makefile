@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PINS)
 	touch $(STAMP)
 
+# runs/demo is the demo's own folder: a second `make demo` replaces the first run there
+# (--overwrite replaces only a folder the demo made, never a training run of yours).
 demo: install
-	$(BIN)/coembed demo
+	$(BIN)/coembed demo --overwrite
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

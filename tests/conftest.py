@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.helpers import tiny_clip_model
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, tiny_clip_model
 
 os.environ.setdefault("COEMBED_NO_PROGRESS", "1")
 
@@ -27,3 +27,18 @@ def tiny_model_dir(tmp_path, clip_tokenizer):
 
     model = tiny_clip_model()
     return save_model_dir(model, clip_tokenizer, tmp_path / "model")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless chromium, driven by Playwright (skips where it is not installed).
+    One per test module: Playwright's sync API keeps an event loop running in the main thread
+    while it is open, which would stop later modules' asyncio.run()."""
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

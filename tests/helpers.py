@@ -6,6 +6,7 @@ never from another test file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -14,6 +15,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -73,12 +76,32 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
 
 # Runs CLI calls one after the other in one interpreter, each through the same `main` that
 # `python -m coembed` calls, with its own stdout and stderr: the torch import and the tokenizer's
-# Unicode tables (~7 s of CPU per process) are paid once instead of once per call.
+# Unicode tables (~7 s of CPU per process) are paid once instead of once per call. Around each call
+# it notes which entries under root/<top> changed (kind, size, mtime, inode), for each protected
+# top; a writer's lock file beside what it locks (``*.lock``) comes and goes and is not counted.
 CLI_BATCH = """
-import contextlib, io, json, sys, traceback
+import contextlib, io, json, os, sys, traceback
 from coembed.cli import main
+
+def snap(root, tops):
+    out = {}
+    for top in tops:
+        for item in os.listdir(os.path.join(root, top)):
+            if item.endswith(".lock"):
+                continue
+            path = os.path.join(root, top, item)
+            walked = os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [item])]
+            for dirpath, dirs, files in walked:
+                for name in [*dirs, *files, ""]:
+                    st = os.lstat(os.path.join(dirpath, name))
+                    key = os.path.relpath(os.path.join(dirpath, name), root)
+                    out[key] = [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
+
+argvs, root, tops = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 results = []
-for argv in json.loads(sys.argv[1]):
+for argv in argvs:
+    before = snap(root, tops)
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
@@ -88,27 +111,44 @@ for argv in json.loads(sys.argv[1]):
         except BaseException:
             traceback.print_exc(file=err)
             code = -1
-    results.append((code, out.getvalue(), err.getvalue()))
+    after = snap(root, tops)
+    diff = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    results.append((code, out.getvalue(), err.getvalue(), diff))
 sys.__stdout__.write(json.dumps(results))
 """
 
 
-def run_cli_batch(
-    arg_lists: list[list[str]], cwd: Path | None = None
-) -> list[subprocess.CompletedProcess]:
-    """Run several CLI calls in one interpreter; one CompletedProcess per call."""
+def run_cli_cases(
+    arg_lists: list[list[str]],
+    *,
+    cwd: Path | None = None,
+    root: Path | None = None,
+    protected: tuple[str, ...] = (),
+    timeout: float = 600,
+) -> list[tuple[int, str, str, list[str]]]:
+    """Run several CLI calls in one interpreter, all within ``timeout`` seconds (a call that hangs
+    fails the test instead of holding it): (exit code, stdout, stderr, paths changed under
+    root/<each of protected>) per call."""
     env = {**os.environ, "COEMBED_NO_PROGRESS": "1", "PYTHONPATH": str(REPO / "src")}
+    argv = [json.dumps(arg_lists), str(root or REPO), json.dumps(list(protected))]
     proc = subprocess.run(
-        [sys.executable, "-c", CLI_BATCH, json.dumps(arg_lists)],
+        [sys.executable, "-c", CLI_BATCH, *argv],
         capture_output=True,
         text=True,
         env=env,
         cwd=cwd,
-        timeout=600,
+        timeout=timeout,
     )
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads(proc.stdout)
-    return [subprocess.CompletedProcess(a, *r) for a, r in zip(arg_lists, results)]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [tuple(r) for r in json.loads(proc.stdout)]
+
+
+def run_cli_batch(
+    arg_lists: list[list[str]], cwd: Path | None = None, timeout: float = 600
+) -> list[subprocess.CompletedProcess]:
+    """Run several CLI calls in one interpreter; one CompletedProcess per call."""
+    results = run_cli_cases(arg_lists, cwd=cwd, timeout=timeout)
+    return [subprocess.CompletedProcess(a, *r[:3]) for a, r in zip(arg_lists, results)]
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -128,6 +168,29 @@ def assert_one_line_error(proc, code: int | None = None, contains: str = "") -> 
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("coembed: error:"), proc.stderr
     assert contains.lower() in lines[0].lower(), (contains, proc.stderr)
+
+
+# --- files before and after ----------------------------------------------------------------------
+
+
+def tree_snapshot(folder: Path, deep: bool = False) -> dict[str, tuple]:
+    """Every entry under ``folder`` (itself included): kind, size, mtime and inode, and with
+    ``deep`` the sha256 of each file's content. Compare two with ``tree_changes``."""
+    import hashlib
+
+    out = {}
+    for path in sorted([folder, *folder.rglob("*")]) if folder.exists() else []:
+        st = path.lstat()
+        key = str(path.relative_to(folder))
+        out[key] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino)
+        if deep and path.is_file() and not path.is_symlink():
+            out[key] += (hashlib.sha256(path.read_bytes()).hexdigest(),)
+    return out
+
+
+def tree_changes(before: dict, after: dict) -> list[str]:
+    """The entries added, removed or changed between two ``tree_snapshot``s."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
 # --- tiny training runs ---------------------------------------------------------------------------
@@ -150,6 +213,41 @@ TINY_SET = [
 # the same in every process (tokenizers' trainer breaks ties between equally frequent pairs in
 # hash-map order), so two separately started runs would not even share their token ids.
 CLIP_TOKENIZER = ("--set", "model.tokenizer=clip", "--set", "model.text.vocab_size=49408")
+
+
+def tiny_train_run(captions: list[str], settings: list[str], batchnorm_eval: bool = False):
+    """A TrainRun of the tiny recipe with ``settings`` on the CPU, built in memory around a BPE
+    trained on ``captions`` (BatchNorm in eval mode if asked, so two passes see the same
+    normalisation)."""
+    from coembed.config import load_config
+    from coembed.loss import make_loss
+    from coembed.model import CoEmbed
+    from coembed.tokenizer import Tokenizer
+    from coembed.training.optim import make_optimizer
+    from coembed.training.run import Dist, TrainRun
+
+    tokenizer = Tokenizer.train(captions, vocab_size=600, context_length=16)
+    cfg = load_config("tiny", settings)
+    cfg.model.text.vocab_size, cfg.model.text.eot_id = tokenizer.vocab_size, tokenizer.eot_id
+    torch.manual_seed(0)
+    model = CoEmbed(cfg.model).train()
+    for m in model.modules():
+        if batchnorm_eval and isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    return TrainRun(
+        cfg=cfg,
+        output=Path("."),
+        device=torch.device("cpu"),
+        dist=Dist(),
+        model=model,
+        raw_model=model,
+        tokenizer=tokenizer,
+        optimizer=make_optimizer(model, cfg),
+        data=None,
+        total_steps=1,
+        batches_per_epoch=1,
+        loss_fn=make_loss(cfg.train.loss),
+    )
 
 
 def shipped_rows(n: int, split: str = "train") -> list[tuple[str, str]]:
@@ -399,3 +497,70 @@ def randomize(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
         if name.endswith("logit_scale"):
             p.fill_(3.3)
+
+
+# A small open_clip CLIP ResNet with CLIP's 64-wide heads, which its weights do not store: the
+# coembed overrides of its shapes, for recipes that do not read them from the file.
+HEADS_64 = [
+    "model.embed_dim=32",
+    "model.image.layers=[1,1,1,1]",
+    "model.image.width=64",
+    "model.image.image_size=64",
+    "model.image.heads=32",
+    "model.text.width=64",
+    "model.text.heads=1",
+    "model.text.layers=2",
+]
+
+
+def heads_64_openclip(quick_gelu: bool, seed: int = 0):
+    """A random open_clip CLIP of the HEADS_64 shapes (GELU, or QuickGELU), in eval mode."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    model = CLIP(
+        32,
+        CLIPVisionCfg(layers=(1, 1, 1, 1), width=64, image_size=64),
+        CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=2),
+        quick_gelu=quick_gelu,
+    )
+    randomize(model)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def running_server(index_dir: Path):
+    """A real uvicorn on a free loopback port serving ``index_dir``; yields its URL."""
+    import uvicorn
+
+    from coembed.serve.app import create_app
+
+    port = free_port()
+    config = uvicorn.Config(create_app(index_dir), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+# --- the browser ----------------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without these flags Chromium tries to reach the network (closed here) at start.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, SHIPPED, assert_one_line_error, tiny_clip_model
+from tests.helpers import SHIPPED, assert_one_line_error, run_cli_cases, tiny_clip_model
 
 # --- the tally printed at the end of the session -------------------------------------------------
 
@@ -494,57 +494,13 @@ CLI_CASES = [
 ALONE = {"unknown command", "missing required", "--k 0", "broken YAML"}
 
 
-RUNNER = r"""
-import contextlib, io, json, os, sys, traceback
-from coembed.cli import main
-
-def snap(root, tops):
-    out = {}
-    for top in tops:
-        for dirpath, dirs, files in os.walk(os.path.join(root, top)):
-            for name in [*dirs, *files, ""]:
-                path = os.path.join(dirpath, name)
-                st = os.lstat(path)
-                out[os.path.relpath(path, root)] = [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino]
-    return out
-
-cases, root, tops = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
-results = []
-for argv in cases:
-    before = snap(root, tops)
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-        except BaseException:
-            traceback.print_exc(file=err)
-            code = -1
-    after = snap(root, tops)
-    diff = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    results.append((code, out.getvalue(), err.getvalue(), diff))
-sys.__stdout__.write(json.dumps(results))
-"""
-
-
 def case_argv(case: Case, world: World) -> list[str]:
     values = {**world.paths, "root": str(world.root), "out": f"{world.root}/scratch/{case.id}"}
     return [arg.format(**values) for arg in case.run]
 
 
 def run_batch(argvs: list[list[str]], world: World) -> list[tuple]:
-    env = {**os.environ, "COEMBED_NO_PROGRESS": "1", "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, json.dumps(argvs), str(world.root), json.dumps(PROTECTED)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=world["cwd"],
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [tuple(r) for r in json.loads(proc.stdout)]
+    return run_cli_cases(argvs, cwd=world["cwd"], root=world.root, protected=PROTECTED)
 
 
 def run_alone(argv: list[str], world: World) -> tuple:

@@ -3,24 +3,17 @@ thumbnails load, search by an uploaded and by a dropped image, "more like this",
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import build_served_index, free_port
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from tests.helpers import (
+    build_served_index,
+    make_images,
+    running_server,
+    tiny_clip_model,
+    write_csv,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -33,37 +26,38 @@ ALL_IMAGES_LOADED = """(n) => {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A real uvicorn on a free loopback port, serving a tiny index; yields (url, index)."""
-    import uvicorn
-
+    """A tiny index served on a loopback port; yields (url, index)."""
     from coembed.index import Index
-    from coembed.serve.app import create_app
 
     index_dir = build_served_index(tmp_path_factory.mktemp("browser"))
-    port = free_port()
-    config = uvicorn.Config(create_app(index_dir), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", Index.load(index_dir, device="cpu")
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(index_dir) as url:
+        yield url, Index.load(index_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip("no /usr/bin/chromium (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
+def captioned_server(tmp_path_factory):
+    """An index of images with long names in two sub-folders of val/ and long captions, read
+    from a CSV; yields (url, index, root of the files)."""
+    from coembed.checkpoint import save_model_dir
+    from coembed.embedder import load
+    from coembed.index import Index
+    from coembed.tokenizer import Tokenizer
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    root = tmp_path_factory.mktemp("captioned")
+    rows = []
+    for i, path in enumerate(make_images(root / "made")):
+        shape = path.stem.split("_")[1]
+        name = f"val/{shape}s/val_{i:05d}_{path.stem}_photographed_from_above_at_noon.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        path.rename(root / name)
+        caption = f"a {path.stem.replace('_', ' ')} on a grey background, drawn by hand, item {i}"
+        rows.append((name, caption))
+    write_csv(root / "val.csv", rows)
+    model_dir = save_model_dir(tiny_clip_model(), Tokenizer.clip(context_length=16), root / "model")
+    index = Index.build(load(model_dir, device="cpu"), images=root / "val.csv", progress=False)
+    index.save(root / "index")
+    with running_server(root / "index") as url:
+        yield url, index, root
 
 
 @pytest.fixture
@@ -179,3 +173,58 @@ def test_keyboard_only(page, server):
     assert outline == "solid"
     page.keyboard.press("Enter")
     page.wait_for_function("() => document.getElementById('q').value.startsWith('image:')")
+
+
+def test_an_error_clears_the_previous_results(page):
+    page.fill("#k", "4")
+    page.fill("#q", "a red circle")
+    page.press("#q", "Enter")
+    page.wait_for_function(ALL_IMAGES_LOADED, arg=4)
+    page.fill("#q", '"a red circle" -')
+    page.press("#q", "Enter")
+    page.locator("#error").wait_for(state="visible")
+    # The old answer must not stand under the new query's error as if it were its answer.
+    assert page.locator("#results .result").count() == 0
+    assert page.inner_text("#status") == ""
+
+
+def test_whole_names_and_captions_show(browser, captioned_server, tmp_path):
+    url, index, root = captioned_server
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.goto(url + "/")
+    page.fill("#k", "5")
+    page.fill("#q", "a blue square")
+    page.press("#q", "Enter")
+    page.wait_for_function(ALL_IMAGES_LOADED, arg=5)
+    ids, _ = index.search_ids("a blue square", k=5)
+    names = page.locator("#results .name")
+    # Each name whole, relative to the indexed folder (no server path), wrapped, not cut.
+    expected = [str(Path(index.items[i]).relative_to(root / "val")) for i in ids]
+    assert names.all_inner_texts() == expected
+    assert all(name.split("/")[0] in ("circles", "squares") and len(name) > 60 for name in expected)
+    clipped = names.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth).length")
+    assert clipped == 0
+    # A visible caption line under each result, every caption in its tooltip.
+    captions = page.locator("#results .caption")
+    assert captions.count() == 5 and all(captions.nth(i).is_visible() for i in range(5))
+    assert captions.all_inner_texts() == [index.captions[i][0] for i in ids]
+    assert captions.first.get_attribute("title") == "\n".join(index.captions[ids[0]])
+    assert str(root) not in page.content()
+    page.screenshot(path=str(tmp_path / "captions.png"), full_page=True)
+    page.close()
+
+
+def test_query_syntax_link_opens_its_section(page):
+    details = page.locator("#syntax")
+    assert not details.evaluate("d => d.open")
+    page.get_by_role("link", name="query syntax").click()
+    assert details.evaluate("d => d.open")
+    assert page.locator("#syntax table").is_visible()
+    assert page.url.endswith("#syntax")
+    # Closed by hand and linked again, it opens again; a page loaded at #syntax opens it too.
+    page.locator("#syntax summary").click()
+    assert not details.evaluate("d => d.open")
+    page.get_by_role("link", name="query syntax").click()
+    assert details.evaluate("d => d.open")
+    page.reload()
+    assert page.locator("#syntax table").is_visible()

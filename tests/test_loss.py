@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from coembed.loss import ClipLoss, SigLipLoss
+from tests.helpers import free_port
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 
@@ -47,12 +47,6 @@ def test_perfect_alignment_gives_low_loss():
 
 
 # --- two real processes (gloo) -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_net(seed: int = 0) -> torch.nn.Module:

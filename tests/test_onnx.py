@@ -104,9 +104,10 @@ def test_failed_export_leaves_old_files_whole(model_dir, tmp_path, monkeypatch):
             raise OSError("No space left on device")
 
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: HalfWritten())
-    with pytest.raises(OSError, match="No space left"):
-        export_onnx(str(directory), str(out))
+    with pytest.raises(CoembedError, match="No space left"):
+        export_onnx(str(directory), str(out), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["image_encoder.onnx"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no stage left
     assert (out / "image_encoder.onnx").read_bytes() == b"previous export"
 
 

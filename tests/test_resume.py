@@ -80,8 +80,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     # that some land inside a checkpoint write.
     kill_steps = [0, *sorted(rng.sample(range(2, STEPS - 2), 4))]
     kills = []
-    for i, step in enumerate(kill_steps):
-        proc = start(command(data, resumed, *(["--resume"] if i else [])))
+    for step in kill_steps:
+        # A run killed before it saved run_config.json has nothing to resume (--resume says so).
+        started = (resumed / "run_config.json").exists()
+        proc = start(command(data, resumed, *(["--resume"] if started else [])))
         if step == 0:
             time.sleep(rng.uniform(0.5, 3.0))
         else:

@@ -91,16 +91,17 @@ def test_text_search_matches_the_index(client, index):
     assert response.status_code == 200
     body = response.json()
     expected = index.search("a blue square", k=5)
-    assert [r["item"] for r in body["results"]] == [item for item, _ in expected]
+    assert [index.items[r["id"]] for r in body["results"]] == [item for item, _ in expected]
     np.testing.assert_allclose(
         [r["score"] for r in body["results"]], [s for _, s in expected], atol=1e-4
     )
     assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
     first = body["results"][0]
-    assert first["name"] == Path(first["item"]).name
+    assert first["name"] == first["item"] == Path(index.items[first["id"]]).name
     # The image URL serves exactly the indexed file.
     image = client.get(first["url"])
-    assert image.status_code == 200 and image.content == Path(first["item"]).read_bytes()
+    assert image.status_code == 200
+    assert image.content == Path(index.items[first["id"]]).read_bytes()
     thumb = client.get(first["thumbnail"])
     assert thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
@@ -110,7 +111,7 @@ def test_compositional_query_matches_the_arithmetic(client, index):
     text = '"a red circle" - "red" + "blue"'
     body = client.post("/search", json={"query": text, "k": 4}).json()
     expected = index.search(text, k=4)
-    assert [r["item"] for r in body["results"]] == [item for item, _ in expected]
+    assert [index.items[r["id"]] for r in body["results"]] == [item for item, _ in expected]
     np.testing.assert_allclose(
         [r["score"] for r in body["results"]], [s for _, s in expected], atol=1e-4
     )
@@ -122,9 +123,10 @@ def test_image_terms_name_indexed_items(client, index):
     want = vectors[3] - text_vector
     want /= np.linalg.norm(want)
     expected = index.search(want.astype(np.float32), k=3)
-    for ref in ("3", f'"{index.items[3]}"'):
+    for ref in ("3", f'"{Path(index.items[3]).name}"'):
         body = client.post("/search", json={"query": f'image:{ref} - "dog"', "k": 3}).json()
-        assert [r["item"] for r in body["results"]] == [item for item, _ in expected], ref
+        found = [index.items[r["id"]] for r in body["results"]]
+        assert found == [item for item, _ in expected], ref
     # A path on the server that is not an indexed item is never opened.
     assert_error(
         client.post("/search", json={"query": 'image:"/etc/hostname" + "red"'}), 400, "indexed"
@@ -156,7 +158,7 @@ def test_image_search_json_and_upload_agree_with_the_index(client, index):
         data={"k": "3"},
     ).json()
     for body in (by_json, by_data_url, by_upload):
-        assert [r["item"] for r in body["results"]] == [item for item, _ in expected]
+        assert [index.items[r["id"]] for r in body["results"]] == [item for item, _ in expected]
         assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
 
 
@@ -180,7 +182,8 @@ def test_concurrent_queries_are_batched_and_each_gets_its_own_answer(client, ind
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, texts))
     for text, body in answers:
-        assert [r["item"] for r in body["results"]] == [i for i, _ in index.search(text, k=2)]
+        found = [index.items[r["id"]] for r in body["results"]]
+        assert found == [i for i, _ in index.search(text, k=2)]
 
 
 def test_openapi_schema_and_page(client):
@@ -360,7 +363,7 @@ def test_coembed_serve_on_a_loopback_port(index_dir, index):
         answers = asyncio.run(many())
         for text, response in zip(texts, answers):
             assert response.status_code == 200
-            assert [r["item"] for r in response.json()["results"]] == [
+            assert [index.items[r["id"]] for r in response.json()["results"]] == [
                 i for i, _ in index.search(text, k=3)
             ]
         bad = httpx.post(

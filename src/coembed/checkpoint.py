@@ -36,6 +36,7 @@ from coembed.data.transforms import Preprocess
 from coembed.errors import ConfigError, ModelDirError
 from coembed.files import atomic_write, atomic_write_text
 from coembed.model import CoEmbed
+from coembed.schema import check_shape, read_json, read_json_text
 
 if TYPE_CHECKING:
     from coembed.tokenizer import Tokenizer
@@ -45,6 +46,8 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PREPROCESS_FILE = "preprocess.json"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, PREPROCESS_FILE)
+# config.json's frame; what is inside "model" is the config's own business (model_config_from_dict).
+CONFIG_SHAPE = {"format_version": int, "model": dict}
 
 
 def config_text(cfg: ModelConfig) -> str:
@@ -105,18 +108,15 @@ def read_model_config(directory: str | os.PathLike) -> tuple[ModelConfig, str]:
         raise ModelDirError(f"{directory}: not a model directory (it does not exist)")
     if not path.is_file():
         raise ModelDirError(f"{path}: missing; a model directory needs {', '.join(MODEL_FILES)}")
-    text = path.read_text()
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError:
-        raise ModelDirError(f"{path}: not valid JSON (truncated or corrupt)") from None
+    values, text = read_json_text(path, ModelDirError)
     if not isinstance(values, dict) or "model" not in values:
         raise ModelDirError(f"{path}: not a coembed model config (no 'model' section)")
     version = values.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise ModelDirError(
             f"{path}: format version {version!r}, this coembed reads version {FORMAT_VERSION}"
         )
+    check_shape(values, CONFIG_SHAPE, str(path), ModelDirError)
     try:
         return model_config_from_dict(values["model"]), text
     except ConfigError as exc:
@@ -156,7 +156,24 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                 f"the config expects {tuple(own[name].shape)}"
             )
+    refuse_non_finite(state, source)
     model.load_state_dict(state, strict=True)
+
+
+def refuse_non_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ModelDirError naming the first tensor that holds a NaN or an infinity.
+
+    Such weights make every embedding NaN: a NaN score compares false with every other, so
+    every item ranks first (eval reported every R@K as 1.0), and the server would answer with
+    bare NaN, which is not JSON. Training never saves them; a damaged or foreign file can.
+    """
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelDirError(
+                f"{source}: tensor {name} holds NaN or infinite values ({bad} of "
+                f"{tensor.numel()}); the weights are damaged: use another copy or checkpoint"
+            )
 
 
 def read_preprocess(directory: str | os.PathLike, cfg: ModelConfig) -> Preprocess:
@@ -165,11 +182,8 @@ def read_preprocess(directory: str | os.PathLike, cfg: ModelConfig) -> Preproces
     size = cfg.image.image_size
     if not path.is_file():
         return Preprocess(image_size=size)
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise ModelDirError(f"{path}: not valid JSON (truncated or corrupt)") from None
-    if isinstance(values, dict) and values.get("image_size", size) != size:
+    values = check_shape(read_json(path, ModelDirError), dict, str(path), ModelDirError)
+    if values.get("image_size", size) != size:
         raise ModelDirError(
             f"{path}: image_size {values['image_size']!r} disagrees with {CONFIG_FILE}'s "
             f"model.image.image_size {size}, which the model is built for; set it to {size}"

@@ -19,8 +19,11 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from coembed.errors import ConfigError
+from coembed.files import read_regular_file
 
 FORMAT_VERSION = 1
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's starting temperature, in log space
+MAX_CONFIG_BYTES = 1024 * 1024  # the shipped recipes are under 2 KB
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 # Options that are one of a few strings; anything else is rejected with the allowed values.
@@ -34,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("clip", "siglip"),
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.schedule": ("cosine", "constant", "const-cooldown"),
 }
 
 
@@ -72,7 +76,9 @@ class ModelConfig:
     embed_dim: int = 1024
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
-    init_logit_scale: float = math.log(1 / 0.07)
+    # The temperature's log at the start; None: the loss's own (completion fills it in), CLIP's
+    # log(1/0.07) for the softmax loss, SigLIP's log(10) for the sigmoid loss.
+    init_logit_scale: float | None = None
     max_logit_scale: float = 100.0
     # Only the sigmoid loss uses a bias; None means the model has no bias parameter.
     init_logit_bias: float | None = None
@@ -89,6 +95,9 @@ class DataConfig:
     augment: bool = True
     crop_scale_min: float = 0.8
     prefetch: int = 1  # training batches prepared ahead in a background thread (0: in place)
+    # Webdataset shards: an epoch draws this many pairs, shard by shard with replacement
+    # (0: an epoch is one pass over every pair).
+    train_num_samples: int = 0
 
 
 @dataclass
@@ -102,6 +111,8 @@ class TrainConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     warmup_steps: int = 100
+    schedule: str = "cosine"  # after warmup: cosine decay, constant, or constant + cooldown
+    cooldown_steps: int = 0  # const-cooldown: the last steps, decaying linearly to zero
     grad_clip: float = 1.0
     accum_steps: int = 1
     loss: str = "clip"
@@ -120,6 +131,7 @@ class TrainConfig:
     threads: int = 0
     reuse_memory: bool = True
     deterministic: bool = False
+    grad_checkpointing: bool = False  # recompute the towers' activations in the backward pass
 
 
 @dataclass
@@ -136,13 +148,21 @@ def _check_choice(path: str, value: Any) -> None:
         raise ConfigError(f"{path}: {value!r} is not one of {', '.join(allowed)}")
 
 
+def _parse_list(path: str, text: str) -> Any:
+    """A list given as YAML text (``--set model.image.layers=[1,2]``); ConfigError if not YAML."""
+    try:
+        return load_yaml(text, path)
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: expected a list, got {text!r}") from None
+
+
 def _coerce(path: str, value: Any, hint: Any) -> Any:
     """Return ``value`` converted to the annotated type, or raise ConfigError naming ``path``."""
     origin = get_origin(hint)
     args = get_args(hint)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_list(path, value)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return [_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
@@ -169,6 +189,8 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, str, float)):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value  # exact: through a float, a 20-digit number would change
         try:
             number = float(value)
         except ValueError:
@@ -189,6 +211,8 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
+        if "\0" in value:
+            raise ConfigError(f"{path}: holds a NUL byte (\\x00), which no name or path can")
         return value
     raise ConfigError(f"{path}: unsupported type {hint}")
 
@@ -224,29 +248,106 @@ def _check_choices(cfg: Config) -> None:
                 _check_choice(f"{section}.{f.name}", value)
 
 
-def _check_positive(cfg: Config) -> None:
-    """Sizes, counts and intervals that must be above zero."""
-    t, i, tr = cfg.model.text, cfg.model.image, cfg.train
-    positive = {
-        "model.embed_dim": cfg.model.embed_dim,
-        "model.text.vocab_size": t.vocab_size,
-        "model.text.context_length": t.context_length,
-        "model.text.width": t.width,
-        "model.text.layers": t.layers,
-        "model.text.heads": t.heads,
-        "model.image.width": i.width,
-        "model.image.image_size": i.image_size,
-        "model.image.heads": i.heads,
-        "train.batch_size": tr.batch_size,
-        "train.accum_steps": tr.accum_steps,
-        "train.lr": tr.lr,
-        "train.checkpoint_every": tr.checkpoint_every,
-        "train.keep_checkpoints": tr.keep_checkpoints,
-        "train.log_every": tr.log_every,
-    }
-    for path, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{path}: must be positive, got {value}")
+# Upper bounds on sizes: far above any CLIP (the widest towers are under 2,000 wide, the
+# longest text contexts a few hundred tokens), far below sizes that cannot be allocated (a
+# 20-digit embed_dim dies deep in C++ instead of saying what is wrong).
+MAX_WIDTH = 65_536  # embedding dims, text widths, heads; an image tower's pooled width (32x)
+MAX_LAYERS = 1_024
+MAX_CONTEXT = 8_192
+MAX_VOCAB = 1 << 20
+MAX_IMAGE_SIZE = 8_192
+LIMIT_WHY = "coembed's limit for sizes, far above any CLIP model"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A range of allowed values; ``None`` leaves a side open, ``*_open`` excludes the bound."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""  # said when the upper bound is broken
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is out of range ("must be positive", ...), or None when it is in."""
+        low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if low and (self.hi is None or isinstance(value, int)):
+            if self.lo == 0 and not self.lo_open:
+                return "must not be negative"
+            if (self.lo == 0 and self.lo_open) or (self.lo == 1 and isinstance(value, int)):
+                return "must be positive"
+            if self.hi is None:
+                return f"must be {'above' if self.lo_open else 'at least'} {_number(self.lo)}"
+        if low or high:
+            interval = (
+                f"{'(' if self.lo_open else '['}{_number(self.lo)}, "
+                f"{_number(self.hi)}{')' if self.hi_open else ']'}"
+            )
+            return f"must be in {interval}" + (f" ({self.why})" if high and self.why else "")
+        return None
+
+
+def _number(value: float | None) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+POSITIVE = Bounds(1)
+NOT_NEGATIVE = Bounds(0)
+SIZE = Bounds(1, MAX_WIDTH, why=LIMIT_WHY)
+FRACTION = Bounds(0, 1, hi_open=True)
+
+
+def _bounded(cfg: Config) -> list[tuple[str, float, Bounds]]:
+    """Every number with a range: (its key, its value, the range)."""
+    m, t, i, tr, d = cfg.model, cfg.model.text, cfg.model.image, cfg.train, cfg.data
+    return [
+        ("model.embed_dim", m.embed_dim, SIZE),
+        ("model.max_logit_scale", m.max_logit_scale, Bounds(1)),  # exp(t) is clamped to [1, max]
+        ("model.text.vocab_size", t.vocab_size, Bounds(1, MAX_VOCAB, why=LIMIT_WHY)),
+        ("model.text.context_length", t.context_length, Bounds(1, MAX_CONTEXT, why=LIMIT_WHY)),
+        ("model.text.width", t.width, SIZE),
+        ("model.text.layers", t.layers, Bounds(1, MAX_LAYERS, why=LIMIT_WHY)),
+        ("model.text.heads", t.heads, SIZE),
+        ("model.text.mlp_ratio", t.mlp_ratio, Bounds(0, 64, lo_open=True, why=LIMIT_WHY)),
+        ("model.text.dropout", t.dropout, FRACTION),
+        ("model.image.width", i.width, Bounds(1, MAX_WIDTH // 32, why=LIMIT_WHY)),
+        ("model.image.image_size", i.image_size, Bounds(1, MAX_IMAGE_SIZE, why=LIMIT_WHY)),
+        ("model.image.heads", i.heads, SIZE),
+        ("train.batch_size", tr.batch_size, Bounds(1, 1 << 24, why=LIMIT_WHY)),
+        ("train.accum_steps", tr.accum_steps, POSITIVE),
+        ("train.lr", tr.lr, Bounds(0, lo_open=True)),
+        ("train.weight_decay", tr.weight_decay, NOT_NEGATIVE),
+        ("train.beta1", tr.beta1, FRACTION),
+        ("train.beta2", tr.beta2, FRACTION),
+        ("train.eps", tr.eps, Bounds(0, lo_open=True)),
+        ("train.warmup_steps", tr.warmup_steps, NOT_NEGATIVE),
+        ("train.cooldown_steps", tr.cooldown_steps, NOT_NEGATIVE),
+        ("train.grad_clip", tr.grad_clip, NOT_NEGATIVE),  # 0: no clipping
+        ("train.steps", tr.steps, NOT_NEGATIVE),
+        ("train.epochs", tr.epochs, NOT_NEGATIVE),
+        ("train.seed", tr.seed, Bounds(0, 2**32 - 1, why="a 32-bit seed")),
+        ("train.checkpoint_every", tr.checkpoint_every, POSITIVE),
+        ("train.keep_checkpoints", tr.keep_checkpoints, POSITIVE),
+        ("train.log_every", tr.log_every, POSITIVE),
+        ("train.lock_image_unlocked_groups", tr.lock_image_unlocked_groups, NOT_NEGATIVE),
+        ("train.lock_text_unlocked_layers", tr.lock_text_unlocked_layers, NOT_NEGATIVE),
+        ("train.threads", tr.threads, Bounds(0, 4096)),  # 0: PyTorch's choice
+        ("data.max_cache_gb", d.max_cache_gb, NOT_NEGATIVE),
+        ("data.workers", d.workers, Bounds(0, 1024)),
+        ("data.prefetch", d.prefetch, Bounds(0, 1024)),
+        ("data.train_num_samples", d.train_num_samples, NOT_NEGATIVE),
+        ("data.crop_scale_min", d.crop_scale_min, Bounds(0, 1, lo_open=True)),
+    ]
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Sizes, counts, rates and fractions within their ranges (see ``_bounded``)."""
+    for path, value, bounds in _bounded(cfg):
+        problem = bounds.problem(value)
+        if problem:
+            raise ConfigError(f"{path}: {problem}, got {_number(value)}")
 
 
 def _check_text(t: TextConfig, tokenizer: str) -> None:
@@ -262,8 +363,6 @@ def _check_text(t: TextConfig, tokenizer: str) -> None:
             "model.text.pool=cls needs model.text.attention=bidirectional "
             "(with a causal mask the first token sees nothing)"
         )
-    if not 0 <= t.dropout < 1:
-        raise ConfigError(f"model.text.dropout: must be in [0, 1), got {t.dropout}")
     # A trained tokenizer sets vocab_size and eot_id when it is built; CLIP's are fixed.
     if tokenizer == "clip" and not 0 <= t.eot_id < t.vocab_size:
         raise ConfigError(
@@ -275,8 +374,10 @@ def _check_image(i: ImageConfig) -> None:
     """CLIP's ModifiedResNet: four stages, a size its 32x downsampling divides, whole heads."""
     if i.backbone != "modified_resnet":
         return
-    if len(i.layers) != 4 or any(n <= 0 for n in i.layers):
-        raise ConfigError(f"model.image.layers: expected 4 positive block counts, got {i.layers}")
+    if len(i.layers) != 4 or any(not 1 <= n <= MAX_LAYERS for n in i.layers):
+        raise ConfigError(
+            f"model.image.layers: expected 4 block counts from 1 to {MAX_LAYERS}, got {i.layers}"
+        )
     if i.image_size % 32:
         raise ConfigError(f"model.image.image_size ({i.image_size}) must be a multiple of 32")
     if (i.width * 32) % i.heads:
@@ -285,39 +386,94 @@ def _check_image(i: ImageConfig) -> None:
         )
 
 
-def _check_run(tr: TrainConfig, data: DataConfig) -> None:
-    """Training length, accumulation and the data pipeline's ranges."""
-    if tr.steps < 0 or tr.epochs < 0:
-        raise ConfigError("train.steps and train.epochs must not be negative")
+def _check_run(tr: TrainConfig) -> None:
+    """How the batch splits into accumulation steps; a cooldown for the schedule that has one."""
     if tr.batch_size % tr.accum_steps:
         raise ConfigError(
             f"train.batch_size ({tr.batch_size}) must be divisible by train.accum_steps ({tr.accum_steps})"
         )
-    if not 0 < data.crop_scale_min <= 1:
-        raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {data.crop_scale_min}")
-    if data.workers < 0 or data.prefetch < 0:
-        raise ConfigError("data.workers and data.prefetch must not be negative")
+    if tr.schedule == "const-cooldown" and tr.cooldown_steps <= 0:
+        raise ConfigError(
+            "train.schedule=const-cooldown needs train.cooldown_steps: the number of last steps "
+            "over which the learning rate falls to zero"
+        )
 
 
 def validate(cfg: Config) -> Config:
     """Check ranges and choices, changing nothing; returns the same config or raises ConfigError."""
     _check_choices(cfg)
-    _check_positive(cfg)
+    _check_ranges(cfg)
     _check_text(cfg.model.text, cfg.model.tokenizer)
     _check_image(cfg.model.image)
-    _check_run(cfg.train, cfg.data)
+    _check_run(cfg.train)
     return cfg
 
 
 def complete_config(cfg: Config) -> Config:
     """A copy of ``cfg`` with the values its other settings imply filled in; ``cfg`` is unchanged.
 
-    The sigmoid loss needs a logit bias: without one given, it starts at -10 (SigLIP's).
+    The temperature starts where the loss's recipe starts it unless one is given: 1/0.07 for the
+    softmax loss (CLIP), 10 for the sigmoid loss (SigLIP), which also needs a logit bias: without
+    one given, it starts at -10 (SigLIP's).
     """
     done = copy.deepcopy(cfg)
-    if done.train.loss == "siglip" and done.model.init_logit_bias is None:
+    siglip = done.train.loss == "siglip"
+    if done.model.init_logit_scale is None:
+        done.model.init_logit_scale = math.log(10.0) if siglip else CLIP_INIT_LOGIT_SCALE
+    if siglip and done.model.init_logit_bias is None:
         done.model.init_logit_bias = -10.0
     return done
+
+
+# A recipe holds about a hundred values. Aliases (&name, then *name) may repeat values, but a few
+# hundred bytes of aliases of aliases can stand for billions of them ("billion laughs"), which
+# validating or printing would walk one by one: such a document is refused while it is parsed.
+MAX_ALIAS_EXPANSION = 10_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases that expand to over MAX_ALIAS_EXPANSION values
+    more than the text writes out, or that refer to a value containing them."""
+
+    def __init__(self, text: str, where: str) -> None:
+        super().__init__(text)
+        self._where = where
+        self._values: dict[int, int] = {}  # id(node) -> the values it stands for, expanded
+        self._written = 0  # nodes written out in the text so far
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """The next node, as PyYAML composes it, after counting what its aliases expand to."""
+        alias = self.check_event(yaml.AliasEvent)
+        line = self.peek_event().start_mark.line + 1
+        node = super().compose_node(parent, index)
+        if alias:
+            if id(node) not in self._values:  # an anchor still open: the alias is inside it
+                raise ConfigError(f"{self._where}: line {line}: a YAML alias inside its own anchor")
+            return node
+        self._written += 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = []
+        self._values[id(node)] = size = 1 + sum(self._values[id(c)] for c in children)
+        if size - self._written > MAX_ALIAS_EXPANSION:
+            raise ConfigError(
+                f"{self._where}: line {line}: YAML aliases (*name) expand to over "
+                f"{MAX_ALIAS_EXPANSION:,} values; a config needs a few hundred: write them out"
+            )
+        return node
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """The value of a YAML document, parsed safely; aliases that expand past
+    ``MAX_ALIAS_EXPANSION`` values raise ConfigError naming ``where``, bad syntax yaml.YAMLError."""
+    loader = _BoundedLoader(text, where)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -330,7 +486,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         if not key.strip():
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
+            value = load_yaml(raw, f"--set {key.strip()}") if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -346,7 +502,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def resolve_config_path(name_or_path: str) -> Path:
     """A YAML path, or the name of a shipped recipe (``tiny``, ``small``, ``rn50``...)."""
     path = Path(name_or_path)
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a FIFO or device too: reading it says what it is
         return path
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
@@ -361,7 +517,9 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     if name_or_path:
         path = resolve_config_path(name_or_path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = load_yaml(read_regular_file(path, MAX_CONFIG_BYTES).decode(), str(path)) or {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read this config ({exc})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         _update(cfg, values, "")

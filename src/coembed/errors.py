@@ -37,3 +37,11 @@ class ModelDirError(CoembedError):
 
 class IndexError_(CoembedError):
     """An index directory that is missing, truncated or built with another model."""
+
+
+class LockHeld(CoembedError):
+    """Another process is writing the same model, run folder, index or export right now."""
+
+
+class DiskFull(CoembedError):
+    """The disk (or the user's quota) filled up while a file was written; nothing was replaced."""

@@ -17,6 +17,7 @@ nearest class embedding.
 from __future__ import annotations
 
 import os
+import string
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from coembed.errors import DataError, UsageError
+from coembed.files import read_regular_file
+from coembed.names import check_path, escape_name
 
 if TYPE_CHECKING:
     from coembed.embedder import Embedder
@@ -43,6 +46,8 @@ DEFAULT_TEMPLATES = (
     "a photo of the {}.",
     "a good photo of a {}.",
 )
+
+MAX_TEMPLATES_BYTES = 1 << 20  # a template file holds tens of lines
 
 # Similarity rows are computed in blocks so that 25k captions x 5k images never needs one
 # (25k, 5k) matrix in memory at once.
@@ -129,7 +134,7 @@ def _warn_skipped(failures: list[tuple[Any, str]]) -> None:
     if failures:
         sys.stderr.write(
             f"coembed: skipped {len(failures)} image(s) that could not be read "
-            f"(first: {failures[0][1]})\n"
+            f"(first: {escape_name(failures[0][1])})\n"
         )
 
 
@@ -152,15 +157,17 @@ def evaluate_retrieval(
     """Recall@1/5/10 both ways of a model (a directory or an Embedder) on a dataset, plus counts.
 
     Images that fail to decode are skipped with their captions and counted in
-    ``skipped_images``.
+    ``skipped_images``; captions cut to the length limit in ``long_captions_truncated``, empty
+    ones (skipped) in ``empty_captions``.
     """
     from coembed.data.formats import read_records
     from coembed.embedder import as_embedder
 
-    embedder = as_embedder(model, device)
-    records, _ = read_records(
+    # The data first: a dataset that cannot be read fails before a model is loaded for it.
+    records, report = read_records(
         os.fspath(data), image_key or "filepath", caption_key or "caption", split
     )
+    embedder = as_embedder(model, device)
     image_emb, ok, failures = embedder.embed_images_skipping(
         [r.image for r in records], progress=True
     )
@@ -174,6 +181,9 @@ def evaluate_retrieval(
     text_emb = embedder.embed_texts(captions)
     metrics = retrieval_metrics(image_emb, text_emb, np.asarray(text_to_image, np.int64))
     metrics["skipped_images"] = len(failures)
+    # Captions the reader changed or dropped: a cut caption is scored as cut.
+    metrics["long_captions_truncated"] = report.long_captions_truncated
+    metrics["empty_captions"] = report.empty_captions
     return metrics
 
 
@@ -181,22 +191,46 @@ def evaluate_retrieval(
 
 
 def read_templates(path: str | os.PathLike | None) -> list[str]:
-    """Templates from a file (one per line, each with ``{}``), or the default list."""
+    """Templates from a file (one per line, each with one ``{}``), or the default list."""
     if path is None:
         return list(DEFAULT_TEMPLATES)
+    check_path(path, "--templates")
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = read_regular_file(path, MAX_TEMPLATES_BYTES).decode("utf-8").splitlines()
     except FileNotFoundError:
         raise UsageError(f"--templates {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--templates {path}: not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"--templates {path}: cannot read it ({exc})") from None
     templates = [line.strip() for line in lines if line.strip()]
     if not templates:
         raise UsageError(f"--templates {path}: no templates in the file (one per line, with {{}})")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise UsageError(
-            f"--templates {path}: template {bad[0]!r} has no {{}} where the class name goes"
-        )
+    for number, template in enumerate(templates, start=1):
+        problem = template_problem(template)
+        if problem:
+            raise UsageError(f"--templates {path}: template {number} {template!r} {problem}")
     return templates
+
+
+def template_problem(template: str) -> str | None:
+    """Why ``template`` cannot take a class name (None when it can): it needs exactly one ``{}``
+    where the name goes; other braces must be doubled (``{{`` and ``}}``) to print as braces."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:  # a lone { or }
+        return f"is not a template ({exc}; write a literal brace as {{{{ or }}}})"
+    if not fields:
+        return "has no {} where the class name goes"
+    if len(fields) > 1:
+        return f"has {len(fields)} {{}} where the class name goes; it needs exactly one"
+    if fields[0] not in ("", "0"):
+        return f"names a field {{{fields[0]}}}; use {{}} where the class name goes"
+    try:
+        template.format("class name")
+    except (IndexError, KeyError, ValueError, TypeError) as exc:  # e.g. a nested {:{}}
+        return f"cannot take a class name ({exc}); use a plain {{}}"
+    return None
 
 
 def class_folders(folder: str | os.PathLike) -> list[tuple[str, list[Path]]]:
@@ -288,19 +322,26 @@ def zeroshot(
 
 
 def format_zeroshot(result: dict[str, Any]) -> str:
-    """A readable report of ``zeroshot``'s result: the totals, then one row per class."""
-    width = max(len("class"), *(len(row["class"]) for row in result["per_class"]))
+    """A readable report of ``zeroshot``'s result: the totals, then one row per class (class
+    names, which are folder names, with their control characters escaped)."""
+    rows = [
+        (escape_name(row["class"]), row, escape_name(row["most_confused_with"] or "-"))
+        for row in result["per_class"]
+    ]
+    width = max(len("class"), *(len(name) for name, _, _ in rows))
+    # A linear probe's result (``coembed zeroshot --classifier``) names its classifier instead.
+    method, prompts = "zero-shot", f", {result['templates']} templates"
+    if result.get("classifier"):
+        method, prompts = f"linear probe {escape_name(result['classifier'])}", ""
     lines = [
-        f"zero-shot: {result['images']} images, {result['classes']} classes, "
-        f"{result['templates']} templates"
+        f"{method}: {result['images']} images, {result['classes']} classes{prompts}"
         + (f", {result['skipped_images']} skipped" if result.get("skipped_images") else ""),
         f"top-1 {result['top1']:.4f}   top-5 {result['top5']:.4f}",
         "",
         f"{'class':<{width}}  images  top-1  top-5  most confused with",
     ]
-    for row in result["per_class"]:
+    for name, row, confused in rows:
         lines.append(
-            f"{row['class']:<{width}}  {row['images']:>6}  {row['top1']:.3f}  {row['top5']:.3f}  "
-            f"{row['most_confused_with'] or '-'}"
+            f"{name:<{width}}  {row['images']:>6}  {row['top1']:.3f}  {row['top5']:.3f}  {confused}"
         )
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coembed.config import ModelConfig
+from coembed.config import CLIP_INIT_LOGIT_SCALE, ModelConfig
 from coembed.towers.image import ImageTower
 from coembed.towers.text import TextTower
 
@@ -20,7 +20,9 @@ class CoEmbed(nn.Module):
         self.visual = ImageTower(cfg.image, cfg.embed_dim)
         self.text = TextTower(cfg.text, cfg.embed_dim)
         # Temperature is learned in log space; clamp_logit_scale keeps exp(t) <= max_logit_scale.
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        # A config that was never completed (no loss chosen) starts where CLIP starts.
+        init = CLIP_INIT_LOGIT_SCALE if cfg.init_logit_scale is None else cfg.init_logit_scale
+        self.logit_scale = nn.Parameter(torch.tensor(float(init)))
         self.logit_bias = None
         if cfg.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))

@@ -8,6 +8,7 @@ results for the same queries side by side, with the right answers framed.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from coembed.files import atomic_write
+from coembed.files import atomic_write, atomic_write_bytes
 
 
 def _pyplot():
@@ -27,9 +28,21 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (the Agg backend)."""
+    return _pyplot()
+
+
+def figure_png(fig) -> bytes:
+    """``fig`` as PNG bytes, drawn as every coembed plot is (110 dpi, tight box); closes it."""
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
+    return out.getvalue()
+
+
+def _save(fig, path: Path) -> Path:
+    atomic_write_bytes(path, figure_png(fig))
     return path
 
 

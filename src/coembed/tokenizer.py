@@ -2,7 +2,7 @@
 
 Both kinds are one HF ``tokenizers`` pipeline stored as a ``tokenizer.json``:
 
-    caption ─► clean_text (ftfy, HTML unescape ×2, whitespace, lower-case; done in Python)
+    caption ─► clean_text (ftfy, HTML unescape ×2, whitespace, lower-case: coembed.text_cleanup)
             ─► split into words with CLIP's word pattern ─► bytes as printable characters
             ─► BPE with an end-of-word suffix ``</w>``
             ─► [SOT, tokens..., EOT, pad...] truncated/padded to ``context_length``
@@ -12,6 +12,9 @@ case-insensitive). HF runs it with Oniguruma, whose Unicode tables are older tha
 ``regex`` module open_clip uses, so the letter/number/other classes are written out as explicit
 code point ranges computed with ``regex`` when the tokenizer is built.
 
+A tokenizer.json written for use without coembed (``Tokenizer.standalone_json``, as an ONNX
+export ships it) also carries the clean-up's whitespace and case steps as its normalizer.
+
 CLIP's tokenizer is converted once from the merges file open_clip_torch ships and stored gzipped
 in ``coembed/assets``; :func:`build_clip_asset` regenerates it (see its docstring).
 """
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import html
 import importlib.util
 import json
 import os
@@ -29,14 +31,15 @@ from collections.abc import Iterable, Sequence
 from itertools import chain
 from pathlib import Path
 
-import ftfy
 import numpy as np
 import torch
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from coembed.errors import ConfigError, ModelDirError, UsageError
 from coembed.files import atomic_write_bytes
+from coembed.text_cleanup import clean_text
+from coembed.text_cleanup import skips_ftfy as skips_ftfy  # re-exported, as before its move
 
 SOT = "<start_of_text>"
 EOT = "<end_of_text>"
@@ -51,35 +54,6 @@ CLIP_CONTEXT_LENGTH = 77
 CLIP_NUM_MERGES = 49408 - 512 - 2
 _BASE_SIZE = 512  # bytes, and bytes ending a word
 _CHUNK_CACHE_SIZE = 1 << 18  # distinct space-separated chunks remembered (tens of MB at most)
-
-# ftfy.fix_text leaves a string unchanged when every fixer leaves it unchanged. For ASCII text
-# only five can act: unescape_html (needs "&"), remove_terminal_escapes (needs ESC, a control
-# char), fix_line_breaks (needs "\r"; NEL, LS and PS are not ASCII), remove_control_chars
-# (U+00-08, U+0B, U+0E-1F, U+7F) and the mojibake fixer, which returns ASCII text as it is.
-# NFC, width, quote, ligature, C1 and surrogate fixes only touch non-ASCII characters.
-_NOT_FTFY_IDENTITY_ASCII = re.compile(r"[&\r\x00-\x08\x0b\x0e-\x1f\x7f]")
-
-
-def skips_ftfy(text: str) -> bool:
-    """Return True when ``ftfy.fix_text(text) == text`` is known without running ftfy.
-
-    True for ASCII text without "&", "\\r" and the control characters ftfy removes.
-    """
-    return text.isascii() and _NOT_FTFY_IDENTITY_ASCII.search(text) is None
-
-
-def clean_text(text: str) -> str:
-    """Return ``text`` cleaned exactly as open_clip's default ("lower") clean-up does.
-
-    That is ftfy.fix_text, HTML unescape twice, whitespace runs collapsed to one space and
-    stripped, then lower-cased. ftfy is skipped for ASCII strings it provably leaves unchanged,
-    which is most captions and most of ftfy's cost.
-    """
-    if not skips_ftfy(text):
-        text = ftfy.fix_text(text)
-    # html.unescape returns at once when there is no "&"; the split/join also strips.
-    text = html.unescape(html.unescape(text))
-    return " ".join(text.split()).lower()
 
 
 def byte_alphabet() -> list[str]:
@@ -144,6 +118,46 @@ def shipped_word_pattern() -> str:
     seconds of scanning every code point (a test checks the asset against a fresh build)."""
     spec = json.loads(gzip.decompress(CLIP_ASSET.read_bytes()))
     return spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+
+
+@functools.lru_cache(maxsize=1)  # a scan of every assigned code point: about a second
+def cleanup_normalizer() -> normalizers.Normalizer:
+    """Return the HF normalizer doing the part of ``clean_text`` that HF can express.
+
+    In order: NFC (ftfy's last step), every run of the characters ``str.split`` splits on to one
+    space, the ends stripped, then ``str.lower``. HF lower-cases one character at a time, so
+    Python's final sigma (Σ ending a word becomes ς) is a Replace before it, its context classes
+    taken from Python's own tables as for ``word_pattern``: a cased, not case-ignorable letter
+    before the Σ (case-ignorable ones between), none after.
+    """
+    # Planes 4-13 are unassigned and 15-16 private use: no spaces, no cased letters there.
+    assigned = chain(range(1, 0xD800), range(0xE000, 0x40000), range(0xE0000, 0xF0000))
+    code_points = list(map(chr, assigned))
+    spaces = [c for c in code_points if c.isspace()]
+    # Only runs and spaces other than " " are replaced: HF rebuilds the string per replacement.
+    space_runs = f"{_code_point_class(spaces)}{{2,}}|{_code_point_class(set(spaces) - {' '})}"
+
+    def sigma_ends(prefix: str) -> set[str]:
+        # Each x as prefix + x + "Σ", lower-cased in one call: NUL (neither cased nor
+        # case-ignorable) separates them as the end of the text would.
+        lowered = "\0".join(prefix + c + "Σ" for c in code_points).lower().split("\0")
+        return {c for c, low in zip(code_points, lowered) if low[-1] == "ς"}
+
+    # Python's lower-case of "xΣ" ends in ς exactly when x is cased and not case-ignorable;
+    # of "AxΣ" when x is case-ignorable or cased.
+    cased = sigma_ends("")
+    ignorable = sigma_ends("A") - cased
+    letter, skip = _code_point_class(cased), _code_point_class(ignorable)
+    final_sigma = f"(?<={letter}{skip}*)\u03a3(?!{skip}*{letter})"
+    return normalizers.Sequence(
+        [
+            normalizers.NFC(),
+            normalizers.Replace(Regex(space_runs), " "),
+            normalizers.Strip(),
+            normalizers.Replace(Regex(final_sigma), "\u03c2"),
+            normalizers.Lowercase(),
+        ]
+    )
 
 
 def _pre_tokenizer(pattern: str) -> pre_tokenizers.PreTokenizer:
@@ -352,6 +366,19 @@ class Tokenizer:
         ``path`` is the file (ending in .json) or a directory to write tokenizer.json into.
         """
         return atomic_write_bytes(_json_path(path), self._hf.to_str().encode("utf-8"))
+
+    def standalone_json(self) -> str:
+        """Return this tokenizer as a tokenizer.json that also cleans captions, for use without coembed.
+
+        Its normalizer is :func:`cleanup_normalizer`; what it cannot do is
+        ``coembed.text_cleanup.fix_text`` (ftfy, HTML entities), to be called on a caption first.
+        With it, HF's encoding equals this tokenizer's ids but for the few captions that module's
+        docstring lists (special-token spellings, entities of non-NFC characters, letters newer
+        than Python's Unicode database).
+        """
+        hf = HFTokenizer.from_str(self._hf.to_str())
+        hf.normalizer = cleanup_normalizer()
+        return hf.to_str()
 
     def __call__(self, texts: str | Iterable[str]) -> torch.Tensor:
         """Return a LongTensor (N, context_length) of ids; a single string gives (1, context_length)."""

@@ -1,23 +1,31 @@
 """The ``coembed`` command. Each subcommand parses its arguments and calls the library.
 
 A user's mistake ends with one line on stderr and exit code 2 (usage) or 1 (failure); a
-traceback is only ever shown for a bug in coembed itself. Nothing here imports torch: each
-handler imports the library when it runs.
+traceback is only ever shown for a bug in coembed itself. Ctrl-C ends with exit code 130 and
+SIGTERM with 143 (128 + the signal), both after the same clean-up: SIGTERM is raised in the
+main thread as ``Terminated``, a KeyboardInterrupt, so every ``finally`` that removes a
+temporary or releases a lock runs for it too. Nothing here imports torch: each handler imports
+the library when it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from coembed import __version__
-from coembed.cli import data, demo, evaluate, index, interop, serve, train
+from coembed.cli import curate, data, demo, evaluate, index, interop, serve, train
 from coembed.cli.common import Parser
 from coembed.errors import CoembedError
+from coembed.names import escape_name
 from coembed.process import choose_openmp_waiting
 
 # In the order `coembed --help` lists them.
-COMMAND_MODULES = (demo, train, evaluate, index, serve, interop, data)
+COMMAND_MODULES = (demo, train, evaluate, index, serve, interop, curate, data)
 
 
 def build_parser() -> Parser:
@@ -38,9 +46,35 @@ def build_parser() -> Parser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that it unwinds as Ctrl-C does."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated in the main thread (elsewhere: unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``coembed`` with ``argv`` (default: the process's); returns the exit code."""
-    parser = build_parser()
+    with sigterm_as_interrupt():
+        return run_command(build_parser(), argv)
+
+
+def run_command(parser: Parser, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run its command; a user's error becomes one line and an exit code."""
     try:
         args = parser.parse_args(argv)
         # libgomp reads its waiting policy when torch loads it, and every subcommand imports
@@ -55,12 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except CoembedError as exc:
-        sys.stderr.write(f"coembed: error: {exc}\n")
+        # Escaped: a file name in the message may hold a newline, which would make two lines.
+        sys.stderr.write(f"coembed: error: {escape_name(exc)}\n")
         return exc.exit_code
     except OSError as exc:
         # A path that cannot be read or written (missing, permissions, disk full): the user's to fix.
-        sys.stderr.write(f"coembed: error: {exc}\n")
+        sys.stderr.write(f"coembed: error: {escape_name(exc)}\n")
         return 1
+    except Terminated:
+        sys.stderr.write("coembed: terminated\n")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         sys.stderr.write("coembed: interrupted\n")
         return 130

@@ -9,13 +9,39 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from coembed.errors import UsageError
+from coembed.names import check_path
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit code 2."""
+    """argparse that reports a usage error as one line and exit code 2, and refuses a value
+    with a NUL byte (no path or name can hold one) in any option, once, where they enter."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message} (see --help)")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """The parsed arguments, each string checked by ``coembed.names.check_path``."""
+        parsed = super().parse_args(args, namespace)
+        names = option_names(self, parsed)
+        for dest, value in vars(parsed).items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str):
+                    check_path(item, names.get(dest, dest))
+        return parsed
+
+
+def option_names(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> dict[str, str]:
+    """How the command line spells each parsed argument (``--output``, ``query``), through the
+    subcommand chosen."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        spelled = action.option_strings[-1] if action.option_strings else action.dest
+        names.setdefault(action.dest, spelled)
+        if isinstance(action.choices, dict):  # the subcommands
+            chosen = action.choices.get(getattr(parsed, action.dest, None))
+            if isinstance(chosen, argparse.ArgumentParser):
+                names.update(option_names(chosen, parsed))
+    return names
 
 
 @dataclass(frozen=True)

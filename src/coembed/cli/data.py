@@ -6,6 +6,7 @@ import argparse
 
 from coembed.cli.common import Command, Parser
 from coembed.errors import UsageError
+from coembed.names import escape_name
 
 
 def add_synthetic_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
     if min(args.n_train, args.n_val) < 0:
         raise UsageError("coembed data: --n-train and --n-val must be 0 or more")
     generate(args.output, n_train=args.n_train, n_val=args.n_val, seed=args.seed)
-    print(f"wrote {args.output}")
+    print(f"wrote {escape_name(args.output)}")
     return 0
 
 
@@ -38,7 +39,7 @@ def run_shapes(args: argparse.Namespace) -> int:
     from coembed.datasets.synthetic import generate_shapes
 
     generate_shapes(args.output, seed=args.seed)
-    print(f"wrote {args.output}")
+    print(f"wrote {escape_name(args.output)}")
     return 0
 
 
@@ -98,7 +99,7 @@ def run_icons(args: argparse.Namespace) -> int:
         max_per_theme=args.max_per_theme,
     )
     print(report.table())
-    print(f"wrote {args.output}")
+    print(f"wrote {escape_name(args.output)}")
     return 0
 
 

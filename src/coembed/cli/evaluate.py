@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from coembed.cli.common import Command, add_device, add_json, add_keys, print_json
+from coembed.errors import UsageError
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,15 +45,27 @@ def add_zeroshot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--templates", default=None, help="file of prompt templates, one per line, with {}"
     )
+    p.add_argument(
+        "--classifier",
+        default=None,
+        help="classify with a linear probe (`coembed probe`'s output folder) instead of prompts",
+    )
     add_json(p)
     add_device(p)
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:
-    """Print zero-shot accuracy and the per-class table, or the result as JSON."""
+    """Print zero-shot (or a probe's) accuracy and the per-class table, or the result as JSON."""
     from coembed.evaluate import format_zeroshot, zeroshot
 
-    result = zeroshot(args.model, args.data, templates=args.templates, device=args.device)
+    if args.classifier is not None:
+        from coembed.curate.probe import classify_folder
+
+        if args.templates is not None:
+            raise UsageError("--templates and --classifier: a probe classifies without prompts")
+        result = classify_folder(args.model, args.data, args.classifier, device=args.device)
+    else:
+        result = zeroshot(args.model, args.data, templates=args.templates, device=args.device)
     if args.json:
         print_json(result)
     else:

@@ -7,6 +7,7 @@ import json
 import sys
 
 from coembed.cli.common import Command, add_device, add_json, add_keys
+from coembed.names import escape_name
 
 
 def add_index_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,20 +42,21 @@ def run_index(args: argparse.Namespace) -> int:
         caption_key=args.caption_key,
         device=args.device,
     )
+    output = escape_name(report.output)
     if report.added:
         print(
-            f"added {report.count_new} {report.modality}s to {report.output} ({report.total} in "
+            f"added {report.count_new} {report.modality}s to {output} ({report.total} in "
             f"all, {report.kind}); {report.already_indexed} were already indexed"
         )
     else:
         print(
-            f"indexed {report.total} {report.modality}s into {report.output} "
+            f"indexed {report.total} {report.modality}s into {output} "
             f"({report.kind}, dim {report.dim})"
         )
     if report.skipped_new:
         print(
             f"skipped {report.skipped_new} image(s) that could not be decoded "
-            f"(listed in {report.skipped_file})",
+            f"(listed in {escape_name(report.skipped_file)})",
             file=sys.stderr,
         )
     return 0
@@ -63,7 +65,13 @@ def run_index(args: argparse.Namespace) -> int:
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``coembed search``."""
     p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("query", nargs="*", default=None, help="text, or a compositional query")
+    p.add_argument(
+        "query",
+        nargs="*",
+        default=None,
+        help='words of a text (a blue circle), or a compositional query: "a red circle" - red + '
+        "blue, image:ID - red (ID: an indexed item, as on the web page), image:PATH",
+    )
     p.add_argument("--image", default=None, help="query image path")
     p.add_argument("--k", type=int, default=10, help="number of results (default 10)")
     add_json(p)
@@ -87,9 +95,10 @@ def run_search(args: argparse.Namespace) -> int:
         }
         sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
         return 0
+    # File names and captions may hold newlines or terminal escapes: one visible line a hit.
     for hit in result.hits:
-        extra = f"  ({hit['captions'][0]})" if hit.get("captions") else ""
-        print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['item']}{extra}")
+        extra = f"  ({escape_name(hit['captions'][0])})" if hit.get("captions") else ""
+        print(f"{hit['rank']:>3}  {hit['score']:.4f}  {escape_name(hit['item'])}{extra}")
     return 0
 
 
@@ -105,7 +114,9 @@ COMMANDS = (
         "search an index by text, by image, or by a compositional query",
         add_search_arguments,
         run_search,
-        'Queries may combine terms with weights: "a red circle" - "red" + "blue", or '
+        "Unquoted words are one text: search --index I a blue circle. Queries may combine terms "
+        'with weights: "a red circle" - "red" + "blue" (or a red circle - red + blue), '
+        'image:17 - "red" (item 17 of the index, as on the web page), or '
         '--image photo.png - "red" + "blue".',
     ),
 )

@@ -17,6 +17,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument(
+        "--show-paths",
+        action="store_true",
+        help="results name the server's absolute file paths (default: relative to the indexed folder)",
+    )
+    p.add_argument(
+        "--classifier",
+        default=None,
+        help="a linear probe of the index's model (`coembed probe`'s output) for POST /classify",
+    )
     add_device(p)
 
 
@@ -33,7 +43,15 @@ def run_serve(args: argparse.Namespace) -> int:
             f"coembed serve needs the server packages ({exc.name} is missing): "
             "pip install coembed[serve]"
         ) from None
-    serve(args.index, host=args.host, port=args.port, workers=args.workers, device=args.device)
+    serve(
+        args.index,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        device=args.device,
+        show_paths=args.show_paths,
+        classifier=args.classifier,
+    )
     return 0
 
 

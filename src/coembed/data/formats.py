@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coembed.errors import DataError
+from coembed.files import NotRegularFile, read_regular_file
+from coembed.names import check_path, escape_name
+from coembed.schema import check_shape, mismatch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -55,7 +58,8 @@ class TarMember:
 
 @dataclass
 class Record:
-    """One image and its captions (at least one, none empty). ``image`` is absolute."""
+    """One image and its captions (none empty; at least one unless captions were read as
+    optional, as for an image index). ``image`` is absolute."""
 
     image: str | TarMember
     captions: list[str]
@@ -97,12 +101,20 @@ class ReadReport:
 class _Collector:
     """Groups (image, caption) rows into Records, cleaning and counting captions on the way."""
 
-    def __init__(self, report: ReadReport, max_caption_chars: int) -> None:
+    def __init__(
+        self, report: ReadReport, max_caption_chars: int, captions_optional: bool = False
+    ) -> None:
         self.report = report
         self.max_chars = max_caption_chars
+        # An image index needs the images only: keep those without a caption.
+        self.captions_optional = captions_optional
         self.records: dict[str | TarMember, Record] = {}
+        self.nul_paths: list[str] = []  # image paths no file can have: reported by finish
 
     def add(self, image: str | TarMember, captions: list, key: str) -> None:
+        if isinstance(image, str) and "\0" in image:
+            self.nul_paths.append(image)
+            return
         clean = []
         for caption in captions:
             text = "" if caption is None else str(caption).strip()
@@ -113,7 +125,7 @@ class _Collector:
                 text = text[: self.max_chars].rstrip()
                 self.report.long_captions_truncated += 1
             clean.append(text)
-        if not clean:
+        if not clean and not self.captions_optional:
             return
         record = self.records.get(image)
         if record is None:
@@ -121,7 +133,19 @@ class _Collector:
         else:
             record.captions.extend(clean)
 
+    def missing_caption(self, image: str | TarMember, key: str) -> None:
+        """Count an image that comes without a caption; keep it when captions are optional."""
+        self.report.missing_caption_field += 1
+        if self.captions_optional:
+            self.add(image, [], key)
+
     def finish(self, path: str) -> tuple[list[Record], ReadReport]:
+        if self.nul_paths:
+            raise DataError(
+                f"{path}: {len(self.nul_paths)} image path(s) hold a NUL byte (\\x00), which no "
+                f"file name can (first: {escape_name(self.nul_paths[0])}); the file is damaged "
+                "or binary: repair or regenerate it"
+            )
         records = list(self.records.values())
         self.report.images = len(records)
         self.report.captions = sum(len(r.captions) for r in records)
@@ -139,8 +163,11 @@ def _resolve(base: Path, image_path: str) -> str:
 
 
 def _read_text(path: Path) -> str:
-    """A whole dataset file as text; a clear DataError if it is not UTF-8."""
-    raw = path.read_bytes()
+    """A whole dataset file as text; a clear DataError if it is not UTF-8 or not a regular file."""
+    try:
+        raw = read_regular_file(path)
+    except NotRegularFile as e:
+        raise DataError(f"{path}: {e}; give a dataset file (CSV, TSV, JSONL, JSON)") from None
     try:
         return raw.decode("utf-8-sig")  # -sig: Excel writes a BOM at the start of CSVs
     except UnicodeDecodeError as e:
@@ -159,7 +186,29 @@ def _decode_caption(raw: bytes, report: ReadReport) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+# Separators spreadsheets write instead of commas (a semicolon in locales with decimal commas).
+OTHER_SEPARATORS = (";", "|")
+
+
+def _separator_error(path: Path, key: str, columns: list[str]) -> DataError | None:
+    """The error for a table separated by something other than commas or tabs, whose header
+    then reads as one column ('filepath;caption'); None when that is not what happened."""
+    for sep in OTHER_SEPARATORS:
+        parts = [p.strip() for c in columns for p in c.split(sep)]
+        known = IMAGE_KEY_HINTS + CAPTION_KEY_HINTS
+        if len(parts) > len(columns) and (key in parts or any(p.lower() in known for p in parts)):
+            return DataError(
+                f"{path}: the header {sep.join(columns)!r} is separated by {sep!r}, but coembed "
+                "reads comma- or tab-separated files: save it with commas or tabs between the "
+                "columns (CSV or TSV)"
+            )
+    return None
+
+
 def _missing_key_error(path: Path, role: str, key: str, columns: list[str]) -> DataError:
+    wrong_separator = _separator_error(path, key, columns)
+    if wrong_separator:
+        return wrong_separator
     flag = "--image-key" if role == "image" else "--caption-key"
     hints = IMAGE_KEY_HINTS if role == "image" else CAPTION_KEY_HINTS
     guess = next((c for c in columns if c.lower() in hints), None)
@@ -188,6 +237,7 @@ def _read_table(
     # newline="": quoted captions may hold newlines; str.splitlines would also break on
     # U+2028 and friends inside a caption.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    lines = io.StringIO(text, newline="").readlines()  # the lines as the reader counts them
     try:
         columns = [c.strip() for c in next(reader)]
     except StopIteration:
@@ -195,26 +245,64 @@ def _read_table(
             f"{path}: empty file; expected a header line like 'filepath,caption'"
         ) from None
     for role, key in (("image", image_key), ("caption", caption_key)):
-        if key not in columns:
+        if key not in columns and not (role == "caption" and collect.captions_optional):
             raise _missing_key_error(path, role, key, columns)
-    i_img, i_cap = columns.index(image_key), columns.index(caption_key)
+    i_img = columns.index(image_key)
+    i_cap = columns.index(caption_key) if caption_key in columns else None
     base = path.parent
+    end = reader.line_num
     try:
         for row in reader:
+            start, end = end + 1, reader.line_num
+            if end > start:  # a quoted field held a newline: a caption's, or a quote left open
+                layout = (delimiter, len(columns), i_img)
+                _check_open_quote(path, lines[start - 1 : end], start, layout, end == len(lines))
             if not row or all(not c.strip() for c in row):
                 continue  # blank line
             collect.report.rows += 1
             image = row[i_img].strip() if i_img < len(row) else ""
-            caption = row[i_cap] if i_cap < len(row) else ""
             if not image:
                 collect.report.missing_image_field += 1
                 continue
+            if i_cap is None:
+                collect.missing_caption(_resolve(base, image), image)
+                continue
+            caption = row[i_cap] if i_cap < len(row) else ""
             collect.add(_resolve(base, image), [caption], key=image)
     except csv.Error as e:
         raise DataError(
             f"{path}: malformed {collect.report.format} on line {reader.line_num} ({e})"
         ) from None
     return collect.finish(str(path))
+
+
+def _check_open_quote(
+    path: Path, lines: list[str], start: int, layout: tuple[str, int, int], at_end: bool
+) -> None:
+    """Refuse a row read over several ``lines`` (from line ``start``) that a quote left open
+    made: a quoted caption may hold newlines, but it closes before the end of the file and
+    holds no line that is a row of its own (an image path in its column). Otherwise the rest
+    of the file would silently become one caption. ``layout``: (delimiter, columns, image
+    column); ``at_end``: the row ends the file."""
+    delimiter, columns, i_img = layout
+    fix = 'close the quote, or write a quote inside a quoted caption as ""'
+    if at_end and "".join(lines).count('"') % 2:
+        raise DataError(
+            f"{path}: line {start}: a quote opened here is never closed, so the rest of the "
+            f"file ({len(lines)} lines) would be one field; {fix}"
+        )
+    for n, line in enumerate(lines[1:], start=start + 1):
+        fields = line.rstrip("\r\n").split(delimiter)
+        if len(fields) >= columns and fields[i_img].strip().lower().endswith(IMAGE_EXTENSIONS):
+            raise DataError(
+                f"{path}: line {start}: a quoted field runs on over line {n}, which looks like "
+                f"a row of its own ({escape_name(line.strip()[:50])}); {fix}"
+            )
+
+
+# What a JSONL row's image and caption may be (a missing one is skipped and counted).
+JSONL_IMAGE = (str, None)
+JSONL_CAPTION = (str, None, [(str, None)])
 
 
 def _read_jsonl(
@@ -231,10 +319,15 @@ def _read_jsonl(
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # also: nested too deeply, a huge number
+            reason = getattr(e, "msg", "nested too deeply or a number too long")
+            raise DataError(f"{path}: line {n} is not valid JSON ({reason})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {n} is not a JSON object; expected one object per line")
+        for key, shape in ((image_key, JSONL_IMAGE), (caption_key, JSONL_CAPTION)):
+            problem = mismatch(row.get(key), shape, key)
+            if problem:
+                raise DataError(f"{path}: line {n}: {problem}")
         collect.report.rows += 1
         keys_seen.update(row)
         has_image |= image_key in row
@@ -244,13 +337,13 @@ def _read_jsonl(
             collect.report.missing_image_field += 1
             continue
         if caption_key not in row:
-            collect.report.missing_caption_field += 1
+            collect.missing_caption(_resolve(base, image.strip()), image.strip())
             continue
         captions = caption if isinstance(caption, list) else [caption]
         collect.add(_resolve(base, image.strip()), captions, key=image.strip())
     if collect.report.rows and not has_image:
         raise _missing_key_error(path, "image", image_key, sorted(keys_seen))
-    if collect.report.rows and not has_caption:
+    if collect.report.rows and not has_caption and not collect.captions_optional:
         raise _missing_key_error(path, "caption", caption_key, sorted(keys_seen))
     return collect.finish(str(path))
 
@@ -281,14 +374,14 @@ def _read_folder(
     for image in images:
         collect.report.rows += 1
         txt = image.with_suffix(".txt")
+        key = str(image.relative_to(path).with_suffix(""))
         if not txt.is_file():
-            collect.report.missing_caption_field += 1
+            collect.missing_caption(str(image.resolve()), key)
             continue
         caption = _decode_caption(txt.read_bytes(), collect.report)
-        collect.add(
-            str(image.resolve()), [caption], key=str(image.relative_to(path).with_suffix(""))
-        )
-    if collect.report.missing_caption_field == collect.report.rows:
+        collect.add(str(image.resolve()), [caption], key=key)
+    uncaptioned = collect.report.missing_caption_field == collect.report.rows
+    if uncaptioned and not collect.captions_optional:
         raise DataError(
             f"{path}: {len(images)} images but no same-named .txt captions (cat.jpg + cat.txt); "
             "for a folder of class subfolders use `coembed zeroshot` instead"
@@ -350,10 +443,10 @@ def _read_shards(
                         collect.report.missing_image_field += 1
                         continue
                     caption = _shard_caption(tar, parts, caption_key, collect.report)
-                    if caption is None:
-                        collect.report.missing_caption_field += 1
-                        continue
                     member = TarMember(shard_abs, parts[image_ext].name)
+                    if caption is None:
+                        collect.missing_caption(member, f"{os.path.basename(shard)}/{key}")
+                        continue
                     collect.add(member, caption, key=f"{os.path.basename(shard)}/{key}")
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(
@@ -390,17 +483,57 @@ def _image_root(base: Path, first_image: str, extra: list[str]) -> Path:
     return base
 
 
+# How many of a COCO file's images are looked for when choosing the folder they live in.
+_ROOT_SAMPLE = 20
+
+
+def _coco_image_root(path: Path, names: list[str], split: str | None) -> Path:
+    """The folder a COCO captions file's images live in: beside it, in images/ or a split folder
+    below it, or (COCO's own layout, annotations/captions_val2017.json beside val2017/) in a split
+    folder beside its folder. A DataError names the folders searched when none holds them."""
+    base = path.parent
+    # captions_val2014.json -> a val2014/ folder; so does an explicit split.
+    splits = [s for s in (split, re.sub(r"^captions_", "", path.stem)) if s]
+    candidates = [base, base / "images", *(base / s for s in splits)]
+    candidates += [*(base.parent / s for s in splits), base.parent / "images"]
+    candidates += [*(base.parent / "images" / s for s in splits), base.parent]
+    sample = names[:_ROOT_SAMPLE]
+    if not sample:
+        return base
+    for folder in dict.fromkeys(candidates):
+        if any((folder / name).exists() for name in sample):
+            return folder
+    searched = ", ".join(f"{folder}/" for folder in dict.fromkeys(candidates))
+    raise DataError(
+        f"{path}: none of its images (first: {sample[0]}) is in the folders searched: {searched}; "
+        "move them into one (COCO's layout: annotations/captions_val2017.json beside val2017/)"
+    )
+
+
+# The parts of COCO captions and Karpathy split files that are read (more keys are allowed).
+# A missing caption or file name is skipped and counted; one of the wrong type is an error.
+COCO_SHAPE = {
+    "images": [{"id": (int, str), "file_name": str}],
+    "annotations": [{"image_id": (int, str), "caption?": (str, None)}],
+}
+KARPATHY_SHAPE = {
+    "images": [
+        {
+            "filename?": (str, None),
+            "filepath?": (str, None),
+            "split?": (str, None),
+            "imgid?": (int, str),
+            "sentences?": [{"raw?": (str, None)}],
+        }
+    ]
+}
+
+
 def _read_coco(path: Path, data: dict, split: str | None, collect: _Collector) -> tuple:
     collect.report.format = "coco"
-    if not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
-        raise DataError(f"{path}: COCO JSON needs 'images' and 'annotations' lists")
-    files = {
-        img["id"]: img["file_name"] for img in data["images"] if "id" in img and "file_name" in img
-    }
-    # captions_val2014.json -> try a val2014/ subfolder too; so does an explicit split.
-    guess = re.sub(r"^captions_", "", path.stem)
-    first = next(iter(files.values()), "")
-    root = _image_root(path.parent, first, [s for s in (split, guess) if s])
+    check_shape(data, COCO_SHAPE, str(path), DataError, "fix or remove that entry")
+    files = {img["id"]: img["file_name"] for img in data["images"]}
+    root = _coco_image_root(path, list(files.values()), split)
     by_image: dict[int, list[str]] = {}
     for ann in data["annotations"]:
         collect.report.rows += 1
@@ -416,6 +549,7 @@ def _read_coco(path: Path, data: dict, split: str | None, collect: _Collector) -
 
 def _read_karpathy(path: Path, data: dict, split: str | None, collect: _Collector) -> tuple:
     collect.report.format = "karpathy"
+    check_shape(data, KARPATHY_SHAPE, str(path), DataError, "fix or remove that entry")
     images = data["images"]
     # Karpathy's "restval" images are, by convention, part of the training split.
     wanted = {split, "restval"} if split == "train" else {split}
@@ -428,7 +562,7 @@ def _read_karpathy(path: Path, data: dict, split: str | None, collect: _Collecto
             )
         collect.report.notes.append(f"split {split!r}: {len(images)} images")
     first = images[0] if images else {}
-    rel_first = os.path.join(first.get("filepath", ""), first.get("filename", ""))
+    rel_first = os.path.join(first.get("filepath") or "", first.get("filename") or "")
     root = _image_root(path.parent, rel_first, [s for s in (split,) if s])
     for img in images:
         collect.report.rows += 1
@@ -436,8 +570,8 @@ def _read_karpathy(path: Path, data: dict, split: str | None, collect: _Collecto
         if not filename:
             collect.report.missing_image_field += 1
             continue
-        rel = os.path.join(img.get("filepath", ""), filename)
-        captions = [s.get("raw", "") for s in img.get("sentences", []) if isinstance(s, dict)]
+        rel = os.path.join(img.get("filepath") or "", filename)
+        captions = [s.get("raw") for s in img.get("sentences", [])]
         if not captions:
             collect.report.missing_caption_field += 1
             continue
@@ -450,15 +584,43 @@ def _read_json(path: Path, split: str | None, collect: _Collector) -> tuple:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except (ValueError, RecursionError):
+        raise DataError(
+            f"{path}: not valid JSON (nested too deeply or a number too long)"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         if "annotations" in data:
             return _read_coco(path, data, split, collect)
-        if any(isinstance(i, dict) and "sentences" in i for i in data["images"][:10]):
+        if _is_karpathy(data):
             return _read_karpathy(path, data, split, collect)
     raise DataError(
         f"{path}: a JSON file must be COCO captions (images + annotations) or a Karpathy split "
         "(images with sentences); for one pair per line use .jsonl"
     )
+
+
+def _is_karpathy(data: dict) -> bool:
+    """Whether a JSON object with an ``images`` list is a Karpathy split (images with sentences)."""
+    return "annotations" not in data and any(
+        isinstance(i, dict) and "sentences" in i for i in data["images"][:10]
+    )
+
+
+def karpathy_splits(path: str | os.PathLike) -> set[str] | None:
+    """The splits named in a Karpathy split JSON ("restval" included), or None for a dataset in
+    any other format (which holds no splits to choose from)."""
+    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    if p.suffix.lower() != ".json" or not p.is_file():
+        return None
+    try:
+        data = json.loads(_read_text(p))
+    except json.JSONDecodeError:
+        return None  # reading the dataset says what is wrong with it
+    if not (isinstance(data, dict) and isinstance(data.get("images"), list)):
+        return None
+    if not _is_karpathy(data):
+        return None
+    return {str(i.get("split")) for i in data["images"] if isinstance(i, dict)}
 
 
 # ---------------------------------------------------------------------------------- entry
@@ -470,16 +632,19 @@ def read_records(
     caption_key: str = "caption",
     split: str | None = None,
     max_caption_chars: int = 1000,
+    require_captions: bool = True,
 ) -> tuple[list[Record], ReadReport]:
     """Read any supported dataset into records (one per distinct image) and a report.
 
     ``split`` filters a Karpathy JSON ("train" also takes "restval") and names the image
-    subfolder of a COCO JSON; any other format refuses it. Raises ``DataError`` for a wrong path,
+    subfolder of a COCO JSON; any other format refuses it. With ``require_captions=False`` (an
+    image index) images without a caption, or a file without a caption column, are kept with no
+    captions. Raises ``DataError`` for a wrong path,
     a missing column (naming the columns the file has), an unreadable file, or no usable rows.
     """
-    path = os.fspath(path)
+    path = os.fspath(check_path(path, "the dataset path"))
     report = ReadReport()
-    collect = _Collector(report, max_caption_chars)
+    collect = _Collector(report, max_caption_chars, captions_optional=not require_captions)
     p = Path(os.path.abspath(os.path.expanduser(path)))
     is_pattern = not p.exists() and ("{" in path or "::" in path)
     is_shards = is_pattern or p.suffix.lower() == ".tar"

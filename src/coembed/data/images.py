@@ -1,30 +1,41 @@
 """Robust image decoding: any file a user points at becomes an RGB PIL image or one clear error.
 
-``open_image`` reads the bytes itself (so no file handle outlives the call), checks the pixel
-count from the header before decoding (decompression bombs), decodes fully, applies the EXIF
-orientation, and turns every mode into 8-bit RGB: alpha is composited on white, 16-bit values
-are scaled by 255/65535 (not clipped), palette/CMYK/greyscale are converted.
+``open_image`` reads the bytes itself (so no file handle outlives the call), reading only regular
+files of at most ``MAX_IMAGE_BYTES``, checks the pixel count and the aspect ratio from the header
+before decoding (decompression bombs, and strips that resizing would blow up), decodes fully,
+applies the EXIF orientation, and turns every mode into 8-bit RGB: alpha is composited on white,
+16-bit values are scaled by 255/65535 (not clipped), palette/CMYK/greyscale are converted.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import tarfile
 import threading
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from coembed.data.formats import TarMember
 from coembed.errors import ImageError
+from coembed.files import FileTooLarge, NotRegularFile, read_regular_file
 
 ImageSource = str | os.PathLike | bytes | TarMember | Image.Image
 
 # Reasons a picture is dropped; the loader counts them under these names for the run report.
-REASONS = ("missing", "empty", "truncated", "corrupt", "too large")
+REASONS = ("missing", "empty", "truncated", "corrupt", "too large", "not a file")
+
+# An uncompressed 8-bit RGBA image at the default 64 MP pixel limit is 256 MiB: no 8-bit image
+# the pixel limit lets through is refused for its bytes, and a multi-GB file named by mistake is
+# refused from its size, before anything is read.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+# Panoramas (~12:1), web banners (970x90, ~11:1) and long scrolled screenshots (~20:1) pass. At
+# 50:1 the square center crop the model sees is 2% of the picture, and resizing the short side
+# to S makes at most 50 S^2 pixels (2.5 MP at S = 224); a 1 x 1,000,000 strip would make 64 G.
+MAX_ASPECT_RATIO = 50
 
 
 class ImageReadError(ImageError):
@@ -54,6 +65,8 @@ _TAR_LOCK = threading.Lock()
 
 def _tar_index(tar_path: str) -> dict[str, tuple[int, int]]:
     st = os.stat(tar_path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile("the shard is not a regular file")
     with _TAR_LOCK:
         cached = _TAR_INDEX.get(tar_path)
         if cached and cached[0] == st.st_mtime_ns and cached[1] == st.st_size:
@@ -75,20 +88,25 @@ def read_source_bytes(source: str | os.PathLike | bytes | TarMember) -> bytes:
             index = _tar_index(source.tar_path)
         except FileNotFoundError:
             raise ImageReadError(f"{name}: shard not found; check the path", "missing") from None
+        except NotRegularFile as e:
+            raise ImageReadError(f"{name}: {e}", "not a file") from None
         except (OSError, tarfile.TarError) as e:
             raise ImageReadError(f"{name}: cannot read the shard ({e})", "corrupt") from None
         if source.member not in index:
             raise ImageReadError(f"{name}: no such member in the shard", "missing")
         offset, size = index[source.member]
+        if size > MAX_IMAGE_BYTES:
+            raise ImageReadError(
+                f"{name}: {size:,} bytes is over the limit of {MAX_IMAGE_BYTES:,}", "too large"
+            )
         with open(source.tar_path, "rb") as f:
             f.seek(offset)
             data = f.read(size)
         if len(data) < size:
             raise ImageReadError(f"{name}: the shard is truncated", "truncated")
     else:
-        path = Path(source)
         try:
-            data = path.read_bytes()
+            data = read_regular_file(source, MAX_IMAGE_BYTES)
         except FileNotFoundError:
             raise ImageReadError(
                 f"{name}: image not found; check the path (relative paths resolve against the "
@@ -101,9 +119,33 @@ def read_source_bytes(source: str | os.PathLike | bytes | TarMember) -> bytes:
             raise ImageReadError(
                 f"{name}: permission denied; make it readable", "missing"
             ) from None
+        except NotRegularFile as e:
+            raise ImageReadError(f"{name}: {e}; name an image file", "not a file") from None
+        except FileTooLarge as e:
+            raise ImageReadError(f"{name}: {e} for an image file", "too large") from None
+        except OSError as e:
+            raise ImageReadError(f"{name}: cannot read it ({e.strerror or e})", "missing") from None
     if not data:
         raise ImageReadError(f"{name}: empty file (0 bytes); re-export or remove it", "empty")
     return data
+
+
+def check_shape(name: str, width: int, height: int, max_pixels: int | None = None) -> None:
+    """ImageReadError ("too large") for an image over ``max_pixels`` or ``MAX_ASPECT_RATIO``."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageReadError(
+            f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of "
+            f"{max_pixels:,}; shrink the image or raise max_pixels",
+            "too large",
+        )
+    short, long = sorted((width, height))
+    if long > MAX_ASPECT_RATIO * short:
+        shown = f"{long / short:,.0f}:1" if short else "infinite"
+        raise ImageReadError(
+            f"{name}: {width}x{height} has an aspect ratio of {shown}, over the limit of "
+            f"{MAX_ASPECT_RATIO}:1; crop it into pieces",
+            "too large",
+        )
 
 
 def _scale_16bit(im: Image.Image) -> Image.Image:
@@ -155,9 +197,11 @@ def open_image(
     anyway. Leave it None when exact parity with a full decode matters (evaluation).
 
     Raises ``ImageReadError`` (an ``ImageError``, with a ``reason`` from ``REASONS``) for missing,
-    empty, truncated, corrupt, non-image and too-large inputs.
+    empty, truncated, corrupt, non-image and too-large inputs (over ``max_pixels``,
+    ``MAX_IMAGE_BYTES`` or ``MAX_ASPECT_RATIO``), and for paths naming no regular file.
     """
     if isinstance(source, Image.Image):
+        check_shape(describe(source), *source.size)
         return to_rgb(ImageOps.exif_transpose(source) or source)
     name = describe(source)
     data = read_source_bytes(source)
@@ -166,13 +210,7 @@ def open_image(
             # We enforce our own limit below; PIL's warning would only add noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
-        width, height = im.size
-        if width * height > max_pixels:
-            raise ImageReadError(
-                f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of "
-                f"{max_pixels:,}; shrink the image or raise max_pixels",
-                "too large",
-            )
+        check_shape(name, *im.size, max_pixels=max_pixels)
         if min_size is not None and im.format == "JPEG":
             im.draft("RGB", (min_size, min_size))
         im.load()

@@ -208,13 +208,22 @@ class PairData:
     def __len__(self) -> int:
         return len(self.pair_caption)
 
+    @property
+    def epoch_size(self) -> int:
+        """Pairs in an epoch: every pair once (a resampled epoch draws another number)."""
+        return len(self)
+
+    def epoch_pairs(self, seed: int, epoch: int) -> Tensor:
+        """The (epoch_size,) pairs of an epoch in order, the same on every rank: a permutation."""
+        return epoch_permutation(len(self), seed, epoch)
+
     def num_batches(self, batch_size: int, world_size: int = 1) -> int:
         """Global batches per epoch (the last partial batch is dropped)."""
-        n = len(self) // (batch_size * world_size)
+        n = self.epoch_size // (batch_size * world_size)
         if n == 0:
             raise DataError(
                 f"a global batch of {batch_size} x {world_size} process(es) is more than the "
-                f"{len(self)} usable pairs; lower the batch size"
+                f"{self.epoch_size} pairs of an epoch; lower the batch size"
             )
         return n
 
@@ -229,20 +238,21 @@ class PairData:
         augment: bool = True,
         device: str | torch.device = "cpu",
         fill_failed: bool = False,
+        crop_scale_min: float = 0.8,
     ) -> Iterator[tuple[Tensor, list[str]]]:
         """This rank's batches of one epoch from ``start_batch`` on: (images, captions).
 
         Images are float32 (B, 3, S, S), normalized, channels_last, on ``device`` (uint8 is
-        moved there before augmenting: 4x less to copy). In streaming mode an image that fails
-        to decode is dropped from its batch (and a batch with none left is skipped). With
-        ``fill_failed`` (training) every batch keeps its size instead, which DDP's all-gather
-        and the step -> batch arithmetic of a resume need: a failed pair is replaced by the
-        batch's own decoded pairs in order, and a batch with none left is a ``DataError``.
+        moved there before augmenting: 4x less to copy). With ``augment`` each image is a random
+        resized crop of ``crop_scale_min`` to all of the cached square's area. In streaming mode
+        an image that fails to decode is dropped from its batch (and a batch with none left is
+        skipped). With ``fill_failed`` (training) every batch keeps its size instead, which DDP's
+        all-gather and the step -> batch arithmetic of a resume need: see ``_fill``.
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         n_batches = self.num_batches(batch_size, world_size)
-        perm = epoch_permutation(len(self), seed, epoch)
+        perm = self.epoch_pairs(seed, epoch)
         G = batch_size * world_size
         # Rows of `perm` this rank takes: (n_batches, B) pair indices.
         mine = perm[: n_batches * G].view(n_batches, world_size, batch_size)[:, rank]
@@ -261,7 +271,8 @@ class PairData:
         for b, u8, pairs in stream:
             u8 = u8.to(device)  # (B, C, C, 3) uint8
             if augment:
-                x = train_augment(u8, self.image_size, batch_generator(seed, epoch, b, rank))
+                generator = batch_generator(seed, epoch, b, rank)
+                x = train_augment(u8, self.image_size, generator, scale=(crop_scale_min, 1.0))
             else:
                 x = eval_from_uint8(u8, self.image_size)
             yield x, [self.pair_caption[p] for p in pairs]
@@ -280,21 +291,58 @@ class PairData:
             generator=torch.Generator().manual_seed(0),
         )
         for b, (u8, pairs, failed) in zip(batches, loader):
-            for pair, reason in failed:
-                row = int(self.pair_image[pair])
-                if row not in self._stream_failed:
-                    self._stream_failed[row] = reason
-                    self.skipped[reason] = self.skipped.get(reason, 0) + 1
+            self._note_failures(failed)
             if fill_failed and failed:
-                if not pairs:
-                    raise DataError(
-                        f"none of the {len(failed)} images of batch {b} could be read "
-                        f"({_format_counts(self.skipped)} so far); check the image files"
-                    )
-                take = list(range(len(pairs))) + [i % len(pairs) for i in range(len(failed))]
-                u8, pairs = u8[take], [pairs[i] for i in take]  # (B, C, C, 3)
+                u8, pairs = self._fill(dataset, mine, b, u8, pairs, len(failed))
             if pairs:
                 yield b, u8, pairs
+
+    def _note_failures(self, failed: list[tuple[int, str]]) -> None:
+        """Count the images of failed pairs (pair, reason) in ``skipped``, each image once."""
+        for pair, reason in failed:
+            row = int(self.pair_image[pair])
+            if row not in self._stream_failed:
+                self._stream_failed[row] = reason
+                self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def _fill(
+        self,
+        dataset: _DecodePairs,
+        mine: Tensor,
+        b: int,
+        u8: Tensor,
+        pairs: list[int],
+        missing: int,
+    ) -> tuple[Tensor, list[int]]:
+        """Batch ``b`` with ``missing`` failed pairs replaced by the next pairs that decode.
+
+        The next pairs are this rank's in the epoch's following batches (wrapping around to its
+        first), so a batch never holds a pair twice: two copies of one pair would be each
+        other's negatives with conflicting targets. The choice depends only on the batch and
+        the images, so a resumed run sees the same batch. A ``DataError`` when too few decode.
+        """
+        n_batches = mine.shape[0]
+        after = torch.cat([mine[b + 1 :], mine[:b]]).flatten().tolist()  # candidates, in order
+        extra: list[np.ndarray] = []
+        for pair in after:
+            if len(extra) == missing:
+                break
+            if int(self.pair_image[pair]) in self._stream_failed:
+                continue
+            _, square, reason = dataset[pair]
+            if square is None:
+                self._note_failures([(pair, reason)])
+                continue
+            extra.append(square)
+            pairs = [*pairs, pair]
+        if len(extra) < missing:
+            raise DataError(
+                f"batch {b} has {missing} images that could not be read and the other "
+                f"{n_batches - 1} batches of the epoch cannot replace them "
+                f"({_format_counts(self.skipped)} so far); check the image files"
+            )
+        filled = torch.from_numpy(np.stack(extra))  # (missing, C, C, 3)
+        return (torch.cat([u8, filled]) if len(u8) else filled), pairs
 
 
 def _pairs(records: Sequence[Record]) -> tuple[list[Source], np.ndarray, list[str]]:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from coembed.data.images import check_shape
 from coembed.errors import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics
@@ -101,8 +102,12 @@ def _channel_values(key: str, value: Any) -> tuple[float, float, float]:
 def resize_shortest(
     im: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC
 ) -> Image.Image:
-    """Resize so the shortest side is ``size``; the long side is truncated like torchvision's."""
+    """Resize so the shortest side is ``size``; the long side is truncated like torchvision's.
+
+    An image over ``MAX_ASPECT_RATIO`` raises ImageReadError: its resized copy would be huge.
+    """
     w, h = im.size
+    check_shape(f"<image {w}x{h}>", w, h)
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)

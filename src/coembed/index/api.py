@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coembed.errors import UsageError
+import coembed.index.store as store
+from coembed.errors import IndexError_, UsageError
 from coembed.index.index import Index
 from coembed.index.kinds import KINDS
 from coembed.index.query import Query, parse_query
-from coembed.index.store import MANIFEST, SKIPPED_FILE
+from coembed.index.store import SKIPPED_FILE
+from coembed.locks import writer_lock
 
 if TYPE_CHECKING:
     from coembed.embedder import Embedder
@@ -49,18 +51,17 @@ class SearchResult:
 def _new_index(
     out: Path, embedder: Embedder | None, kind: str, inputs: dict[str, Any]
 ) -> IndexReport:
-    """Build an index into a new (or empty) ``out`` and save it."""
+    """Build an index into a new (or empty) ``out`` and save it (holding its lock throughout)."""
     if embedder is None:
         raise UsageError(
             "coembed index: --model is required to build an index "
             "(only --add can reuse the index's own model)"
         )
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise UsageError(
-            f"--output {out}: exists and is not an index; choose an empty or new folder"
-        )
-    index = Index.build(embedder, kind=kind, **inputs)
-    index.save(out)
+    _check_new_output(out)
+    with writer_lock(out):
+        _check_new_output(out)  # as it is now that no one else writes it
+        index = Index.build(embedder, kind=kind, **inputs)
+        index.save(out)
     return IndexReport(
         output=out,
         added=False,
@@ -78,14 +79,25 @@ def _new_index(
 def _add_to_index(
     out: Path, embedder: Embedder | None, kind: str, device: str, inputs: dict[str, Any]
 ) -> IndexReport:
-    """Add to the index in ``out`` (with its own model when ``embedder`` is None) and save it."""
+    """Add to the index in ``out`` (with its own model when ``embedder`` is None) and save it.
+
+    The index is loaded and checked first, so a mistake touches nothing; then, holding its lock,
+    reloaded if another writer committed meanwhile, added to and saved.
+    """
+    files = store.read_manifest(out).get("files")
     index = Index.load(out, embedder=embedder, device=device)
     if kind not in ("auto", index.kind):
         raise UsageError(
             f"--kind {kind} with --add: this index is {index.kind}; rebuild to change it"
         )
-    counts = index.add(**inputs)
-    index.save(out)
+    if (inputs["images"] is None) != (index.modality == "text"):
+        other = "--images" if index.modality == "image" else "--texts"
+        raise UsageError(f"this is {index.modality} index: add to it with {other}")
+    with writer_lock(out):
+        if store.read_manifest(out).get("files") != files:
+            index = Index.load(out, embedder=embedder, device=device)
+        counts = index.add(**inputs)
+        index.save(out)
     return IndexReport(
         output=out,
         added=True,
@@ -98,6 +110,18 @@ def _add_to_index(
         skipped_new=counts["skipped"],
         skipped_file=out / SKIPPED_FILE,
     )
+
+
+def _check_new_output(out: Path) -> None:
+    """Refuse to build into a folder holding anything but an index (or a killed build's files)."""
+    if out.exists() and not out.is_dir():
+        raise IndexError_(f"--output {out}: is a file, not an index folder; choose another")
+    foreign = store.foreign_entries(out)
+    if foreign and not (out / store.MANIFEST).is_file():
+        raise UsageError(
+            f"--output {out}: exists and is not an index (it holds {foreign[0]}); "
+            "choose an empty or new folder"
+        )
 
 
 def build_index(

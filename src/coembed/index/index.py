@@ -16,7 +16,13 @@ import numpy as np
 
 import coembed.index.store as store
 from coembed.errors import CoembedError, IndexError_, UsageError
-from coembed.index.inputs import ImagesInput, TextsInput, embed_inputs
+from coembed.index.inputs import (
+    ImagesInput,
+    TextsInput,
+    embed_inputs,
+    image_roots,
+    merge_roots,
+)
 from coembed.index.kinds import (
     KINDS,
     add_in_chunks,
@@ -25,7 +31,7 @@ from coembed.index.kinds import (
     choose_kind,
     new_faiss_index,
 )
-from coembed.index.query import Query, check_images, embed_query, parse_query
+from coembed.index.query import Query, check_images, embed_query, item_vectors, parse_query
 
 if TYPE_CHECKING:
     from coembed.embedder import Embedder
@@ -48,6 +54,7 @@ class Index:
         params: dict[str, Any] | None = None,
         captions: list[list[str]] | None = None,
         skipped: list[list[str]] | None = None,
+        roots: list[str] | None = None,
         embedder: Embedder | None = None,
         model_files: Path | None = None,
         device: str = "auto",
@@ -66,6 +73,9 @@ class Index:
         self.params = params or {}
         self.captions = captions if captions is not None else [[] for _ in items]
         self.skipped = skipped or []
+        # The folders the indexed image files were in (see inputs.image_roots); None for an
+        # index saved before they were recorded, or built from vectors.
+        self.roots = roots
         self._embedder = embedder
         self._model_files = model_files  # where the model's files are, to copy them on save
         self._device = device
@@ -148,6 +158,7 @@ class Index:
             progress=progress,
         )
         index.skipped = new.skipped
+        index.roots = new.roots if index.modality == "image" else None
         return index
 
     # -- the basics --
@@ -176,7 +187,14 @@ class Index:
                 )
             from coembed.embedder import load
 
-            self._embedder = load(self._model_files, device=self._device)
+            embedder = load(self._model_files, device=self._device)
+            if not store.same_model(self.model, store.model_identity(embedder)):
+                raise IndexError_(
+                    f"{self._model_files} is not the model that built this index (it is "
+                    f"{store.describe_model(store.model_identity(embedder))}, the index was "
+                    f"built with {store.describe_model(self.model)}); rebuild the index"
+                )
+            self._embedder = embedder
         return self._embedder
 
     # -- adding --
@@ -211,6 +229,9 @@ class Index:
             progress=progress,
             skip=set(self.items),
         )
+        if self.modality == "image":
+            known = self.roots if self.roots is not None else image_roots(self.items, False)
+            self.roots = merge_roots(known + new.roots)
         before = len(self)
         self.add_vectors(new.vectors, new.items, new.captions, progress=progress)
         self.skipped.extend(new.skipped)
@@ -254,12 +275,17 @@ class Index:
             # they are already contiguous float32, which keeps the per-query cost at FAISS's.
             if query.dtype != np.float32 or not query.flags.c_contiguous:
                 query = np.ascontiguousarray(query, np.float32)
+            if query.size != self.dim:
+                raise UsageError(
+                    f"a query vector needs the index's {self.dim} values, got shape {query.shape}"
+                )
             return query.reshape(1, -1)
         if isinstance(query, str):
             query = parse_query(query)
         if isinstance(query, Query):
-            check_images(query)  # before loading the model: a bad path fails fast
-            return embed_query(query, self.embedder)[None, :]
+            known = item_vectors(query, self)  # image:17 is item 17, as on the web page
+            check_images(query, known)  # before loading the model: a bad path fails fast
+            return embed_query(query, self.embedder, known)[None, :]
         return self.embedder.embed_images([query])[:1]
 
     def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
@@ -321,6 +347,7 @@ class Index:
             params=manifest.get("params", {}),
             captions=meta.get("captions"),
             skipped=meta.get("skipped", []),
+            roots=manifest.get("roots"),
             embedder=embedder,
             model_files=copy if copy and copy.is_dir() else store.model_dir_if_same(model),
             device=device,
@@ -339,6 +366,7 @@ class Index:
             "params": self.params,
             "model": self.model,
             "skipped": len(self.skipped),
+            **({"roots": self.roots} if self.roots is not None else {}),
         }
         written = store.write_index_files(root, self.faiss, meta, description, self._model_files)
         self.model = written["model"]

@@ -4,8 +4,8 @@ and embedded, with repeats left out and undecodable images skipped and listed.""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,26 @@ class Embedded:
     captions: list[list[str]]  # per row
     skipped: list[list[str]]  # [source, reason] per image that could not be decoded
     repeats: int  # inputs left out: already in the index, or given twice
+    roots: list[str] = field(default_factory=list)  # the real folders of the new image files
+
+
+def image_roots(paths: Iterable[str], resolve: bool = True) -> list[str]:
+    """The folders holding the files ``paths`` name, none inside another: the roots an index
+    records, so that a server sends only files still inside them. With ``resolve`` the folders
+    are where the files really are (symlinks followed, as when they were read); without, the
+    folders as the paths spell them."""
+    return merge_roots(
+        os.path.dirname(os.path.realpath(p) if resolve else os.path.abspath(p)) for p in paths
+    )
+
+
+def merge_roots(folders: Iterable[str]) -> list[str]:
+    """The distinct ``folders`` without those inside another, sorted."""
+    kept: list[str] = []
+    for folder in sorted(set(folders), key=lambda f: Path(f).parts):  # parents before children
+        if not kept or not Path(folder).is_relative_to(kept[-1]):
+            kept.append(folder)
+    return kept
 
 
 def image_inputs(
@@ -47,7 +67,8 @@ def image_inputs(
             return paths, paths, [[] for _ in paths]
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
             return [str(path.resolve())], [str(path.resolve())], [[]]
-        records, _ = read_records(os.fspath(images), image_key, caption_key)
+        # An image index needs images only: captions are kept where the dataset has them.
+        records, _ = read_records(os.fspath(images), image_key, caption_key, require_captions=False)
         return (
             [r.image for r in records],
             [describe(r.image) for r in records],
@@ -121,4 +142,5 @@ def embed_inputs(
         [captions[keep[i]] for i in ok],
         [[names[keep[i]], reason] for i, reason in failures],
         len(names) - len(keep),
+        image_roots(sources[keep[i]] for i in ok if isinstance(sources[keep[i]], str)),
     )

@@ -26,6 +26,8 @@ from coembed.errors import UsageError
 from coembed.progress import progress_bar
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
+# The FAISS class each built kind is (``new_faiss_index``), to check a file read back.
+FAISS_CLASSES = {"flat": "IndexFlatIP", "hnsw": "IndexHNSWFlat", "ivfpq": "IndexIVFPQ"}
 FLAT_MAX = 50_000  # below this, exact search
 HNSW_MAX = 5_000_000  # below this, HNSW; above, IVF-PQ
 HNSW_M = 32

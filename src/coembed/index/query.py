@@ -9,11 +9,17 @@ weighted terms::
     "a beach" * 2 + image:beach.jpg          # a weight may follow its term as well
 
 Text terms are in double quotes (``\\"`` is a literal quote inside); image terms are
-``image:"path"`` or ``image:path`` (no spaces). Each term is embedded and L2-normalized, the
-weighted sum is renormalized, and that unit vector is what the index searches. On the command
-line ``--image a.png '- "red" + "blue"'`` puts the image in front as the first term
-(``command_line_query``). ``combine_terms`` is the arithmetic itself, shared by ``embed_query``
-and the server.
+``image:"path"`` or ``image:path`` (no spaces). Searching an index, an image term may also name
+one of its items, as on the web page: ``image:17`` is item 17 (write ``image:./17`` for a file
+named 17), and the path of an indexed item whose file is gone is that item (``item_vectors``).
+Each term is embedded and L2-normalized, the weighted sum is renormalized, and that unit vector
+is what the index searches. ``combine_terms`` is the arithmetic itself, shared by
+``embed_query`` and the server.
+
+On the command line the shell splits the query into words (``command_line_query``): words with
+no operator among them are one plain text (``search --index I a blue circle``), otherwise each
+run of bare words between operators is one text term (``a red circle - red + blue``), and
+``--image a.png - red + blue`` puts the image in front as the first term.
 
 Mistakes (an unbalanced quote, an empty query, an operator with nothing after it, two terms
 with no operator between them, a bare word outside quotes) raise one ``UsageError`` naming the
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -35,6 +41,7 @@ from coembed.errors import ImageError, UsageError
 
 if TYPE_CHECKING:
     from coembed.embedder import Embedder
+    from coembed.index.index import Index
 
 _NUMBER = re.compile(r"\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?")
 # Larger weights overflow the weighted sum of unit vectors (and say nothing a smaller one cannot).
@@ -209,17 +216,44 @@ def _quote_word(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _is_query_syntax(word: str) -> bool:
+    """Whether a shell word is an operator, a weight, a quoted term or an image term."""
+    return (
+        word in ("+", "-", "*")
+        or '"' in word
+        or word.startswith("image:")
+        or _WEIGHTED_WORDS.match(word) is not None
+    )
+
+
 def _join_shell_words(words: Sequence[str]) -> str:
-    """One query string from the shell's words: each word is an operator, a term or a weight."""
-    parts = []
-    for word in words:
+    """One query string from the shell's words (see the module docstring)."""
+    if not any(_is_query_syntax(word) for word in words):
+        return " ".join(words)  # a plain text, taken as it is
+    parts: list[str] = []
+    run: list[str] = []  # bare words of the text term being collected
+    weight = ""  # the weight written before the run ("0.5*red square")
+
+    def close_run() -> None:
+        nonlocal weight
+        if run:
+            parts.append(weight + _quote_word(" ".join(run)))
+            run.clear()
+        weight = ""
+
+    for i, word in enumerate(words):
         weighted = _WEIGHTED_WORDS.match(word)
-        if word in ("+", "-") or '"' in word or word.startswith("image:"):
+        after_star = i > 0 and words[i - 1] == "*" and _NUMBER.fullmatch(word)
+        if weighted and '"' not in word and not word.startswith("image:"):
+            close_run()
+            weight = f"{weighted.group(1)}*"
+            run.append(weighted.group(2))
+        elif _is_query_syntax(word) or after_star:
+            close_run()
             parts.append(word)
-        elif weighted:
-            parts.append(f"{weighted.group(1)}*{_quote_word(weighted.group(2))}")
         else:
-            parts.append(_quote_word(word))
+            run.append(word)
+    close_run()
     return " ".join(parts)
 
 
@@ -229,8 +263,9 @@ def command_line_query(
     """The query of ``coembed search``: the positional text and ``--image``, as one Query.
 
     ``words`` may be the shell's word list (``"a red circle" - "red"`` typed without outer
-    quotes arrives as ``['a red circle', '-', 'red']``): each word is then an operator or a term.
-    With ``--image`` the image is the first term and the text, if any, follows it.
+    quotes arrives as ``['a red circle', '-', 'red']``; ``a blue circle`` as three words): see
+    the module docstring. With ``--image`` the image is the first term and the text, if any,
+    follows it.
     """
     query: str | None
     if isinstance(words, (list, tuple)):
@@ -248,8 +283,43 @@ def command_line_query(
     return Query((first, *rest))
 
 
-def check_images(query: Query) -> None:
-    """Raise ImageError unless every image term is a file that decodes.
+def item_vectors(query: Query, index: Index) -> dict[str, np.ndarray]:
+    """The (D,) vectors of the image terms that name an item of ``index``, by term value.
+
+    ``image:17`` is item 17, as on the web page (UsageError past the last id); a path that is no
+    file but an indexed item's is that item. Other image terms are files, left to embed. The
+    vector is the one stored (re-embedded from the item when the index keeps none, as IVF-PQ).
+    """
+    ids: dict[str, int] = {}
+    for term in query.terms:
+        value = term.value
+        if term.kind != "image" or value in ids:
+            continue
+        if value.isascii() and value.isdigit():
+            if int(value) >= len(index):
+                raise UsageError(
+                    f"image:{value}: the index has items 0 to {len(index) - 1} "
+                    f"(for a file named {value}, write image:./{value})"
+                )
+            ids[value] = int(value)
+        elif not Path(value).is_file() and value in index.items:
+            ids[value] = index.items.index(value)
+    return {value: _item_vector(index, i) for value, i in ids.items()}
+
+
+def _item_vector(index: Index, item_id: int) -> np.ndarray:
+    try:
+        return index.faiss.reconstruct(item_id)
+    except RuntimeError:  # IVF-PQ keeps codes without an id map: embed the item again
+        item = index.items[item_id]
+        if index.modality == "text":
+            return index.embedder.embed_texts([item])[0]
+        check_images(Query((Term(1.0, "image", item),)))
+        return index.embedder.embed_images([item])[0]
+
+
+def check_images(query: Query, known: Collection[str] = ()) -> None:
+    """Raise ImageError unless every image term (but those in ``known``) is a file that decodes.
 
     Checked before any embedding so that a typo in a path costs nothing; a folder would
     otherwise be expanded into every image in it.
@@ -257,7 +327,7 @@ def check_images(query: Query) -> None:
     from coembed.data.images import open_image
 
     for term in query.terms:
-        if term.kind == "image":
+        if term.kind == "image" and term.value not in known:
             if not Path(term.value).is_file():
                 raise ImageError(f"{term.value}: no such image file (a query image must be a file)")
             open_image(term.value)
@@ -281,14 +351,26 @@ def combine_terms(query: Query, vectors: Sequence[np.ndarray]) -> np.ndarray:
     return (total / norm).astype(np.float32)
 
 
-def embed_query(query: Query | str, embedder: Embedder) -> np.ndarray:
-    """The query's unit vector, (D,) float32: sum of weight * normalized term, renormalized."""
+def embed_query(
+    query: Query | str, embedder: Embedder, known: Mapping[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """The query's unit vector, (D,) float32: sum of weight * normalized term, renormalized.
+
+    Image terms whose value is in ``known`` (as ``item_vectors`` gives) take that vector; the
+    others are image files.
+    """
     if isinstance(query, str):
         query = parse_query(query)
-    check_images(query)
+    known = known or {}
+    check_images(query, known)
     texts = [t.value for t in query.terms if t.kind == "text"]
-    images = [t.value for t in query.terms if t.kind == "image"]
+    images = [t.value for t in query.terms if t.kind == "image" and t.value not in known]
     text_emb = iter(embedder.embed_texts(texts)) if texts else iter(())
     image_emb = iter(embedder.embed_images(images)) if images else iter(())
-    vectors = [next(text_emb if term.kind == "text" else image_emb) for term in query.terms]
+    vectors = [
+        next(text_emb)
+        if term.kind == "text"
+        else (known[term.value] if term.value in known else next(image_emb))
+        for term in query.terms
+    ]
     return combine_terms(query, vectors)

@@ -12,7 +12,10 @@ The index directory::
 
 Saving writes the new generation's files (each to a temporary name, then renamed), then
 replaces ``index.json``, then deletes the older generation. A save killed at any point leaves
-``index.json`` naming a complete generation, so the previous index stays loadable.
+``index.json`` naming a complete generation, so the previous index stays loadable. A save that
+fails (a full disk, Ctrl-C) removes the files of its generation again, and a folder holding only
+such leftovers (a first build killed before its commit) is taken as an empty one. Every save
+holds the index's writer lock (``coembed.locks``).
 
 The manifest records the model's config digest, a sampled digest of its weights and its
 embedding size; adding to or searching an index with another model is one clear error.
@@ -30,8 +33,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coembed.errors import CoembedError, IndexError_
-from coembed.files import atomic_write, atomic_write_text
-from coembed.index.kinds import import_faiss
+from coembed.files import (
+    atomic_write,
+    atomic_write_text,
+    disk_full,
+    fsync_dir,
+    is_disk_full,
+    umask_mode,
+)
+from coembed.index.kinds import FAISS_CLASSES, KINDS, import_faiss
+from coembed.locks import writer_lock
+from coembed.schema import Range, check_shape, read_json
 
 if TYPE_CHECKING:
     from coembed.embedder import Embedder
@@ -124,22 +136,55 @@ def copy_model(model_files: Path | None, root: Path, identity: dict[str, Any]) -
     if target.is_dir():
         return name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-    for file in MODEL_FILES:
-        src = model_files / file
-        if src.is_file():
-            try:
-                os.link(src, tmp / file)
-            except OSError:  # another file system, or links not allowed
-                shutil.copy2(src, tmp / file)
-    os.rename(tmp, target)  # a directory appears whole or not at all
+    os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes it private (0700)
+    try:
+        for file in MODEL_FILES:
+            src = model_files / file
+            if src.is_file():
+                try:
+                    os.link(src, tmp / file)
+                except OSError:  # another file system, or links not allowed
+                    shutil.copy2(src, tmp / file)
+        os.rename(tmp, target)  # a directory appears whole or not at all
+    except BaseException as exc:
+        full = is_disk_full(exc, root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise disk_full(target, exc) from None
+        raise
     return name
 
 
 # --- reading -------------------------------------------------------------------------------------
 
+REBUILD = "rebuild the index"
+MODEL_COPY = re.compile(r"^model-[A-Za-z0-9_]+$")
+# What index.json holds; more keys are allowed (a newer coembed may write some).
+MANIFEST_SHAPE = {
+    "format_version": int,
+    "kind": str,
+    "requested_kind?": str,
+    "modality": str,
+    "count": Range(int, 0),
+    "dim": Range(int, 1),
+    "params?": {"efSearch?": Range(int, 1), "nprobe?": Range(int, 1)},
+    "model": {
+        "dir": (str, None),
+        "config_digest": (str, None),
+        "weights_digest": (str, None),
+        "embed_dim": Range(int, 1),
+        "copy?": (str, None),
+    },
+    "files": {"faiss": str, "items": str},
+    "skipped?": Range(int, 0),
+    "roots?": ([str], None),
+}
+# What an items file holds: per vector its item (image path or text) and captions; the skipped.
+ITEMS_SHAPE = {"items": [str], "captions?": ([[str]], None), "skipped?": [[str, str]]}
+
 
 def read_manifest(root: Path) -> dict[str, Any]:
-    """The manifest of an index directory, or one IndexError_ saying what is wrong."""
+    """The manifest of an index directory, checked; or one IndexError_ saying what is wrong."""
     if not root.is_dir():
         raise IndexError_(
             f"{root}: no such index directory; build one with "
@@ -150,44 +195,89 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise IndexError_(
             f"{root}: not a coembed index (no {MANIFEST}); build one with `coembed index`"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IndexError_(f"{path}: not valid JSON; rebuild the index") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+    manifest = check_shape(read_json(path, IndexError_, REBUILD), dict, str(path), IndexError_)
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise IndexError_(
-            f"{path}: index format {found!r}, "
-            f"this coembed reads version {FORMAT_VERSION}; rebuild the index"
+            f"{path}: index format {version!r}, "
+            f"this coembed reads version {FORMAT_VERSION}; {REBUILD}"
         )
+    check_shape(manifest, MANIFEST_SHAPE, str(path), IndexError_, REBUILD)
+    problem = manifest_problem(manifest)
+    if problem:
+        raise IndexError_(f"{path}: {problem}; {REBUILD}")
     return manifest
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What in a manifest of the right shape cannot be (None when nothing): an unknown kind or
+    modality, a data file that is not a plain name of this folder, a dimension two ways."""
+    files, model = manifest["files"], manifest["model"]
+    if manifest["kind"] not in FAISS_CLASSES:
+        return f"kind: {manifest['kind']!r} is not one of {', '.join(FAISS_CLASSES)}"
+    if manifest.get("requested_kind", "auto") not in KINDS:
+        return f"requested_kind: {manifest['requested_kind']!r} is not one of {', '.join(KINDS)}"
+    if manifest["modality"] not in ("image", "text"):
+        return f"modality: {manifest['modality']!r} is not image or text"
+    for key, stem, suffix in (("faiss", "index", "faiss"), ("items", "items", "json")):
+        found = GENERATION.match(files[key])
+        if not found or found.group(1) != stem or found.group(3) != suffix:
+            return f"files.{key}: {files[key]!r} is not a {stem}-NNNNNN.{suffix} file of the index"
+    if model.get("copy") is not None and not MODEL_COPY.match(model["copy"]):
+        return f"model.copy: {model['copy']!r} is not a model-<digest> folder of the index"
+    if manifest["dim"] != model["embed_dim"]:
+        return f"dim {manifest['dim']} but model.embed_dim {model['embed_dim']}"
+    return None
+
+
+def read_faiss(path: Path) -> Any:
+    """The FAISS index in ``path``; IndexError_ when FAISS cannot read it."""
+    try:
+        return import_faiss().read_index(str(path))
+    except (RuntimeError, MemoryError, ValueError):
+        raise IndexError_(f"{path}: unreadable (truncated or corrupt); {REBUILD}") from None
+
+
+def disagreement(index: Any, meta: dict[str, Any], manifest: dict[str, Any]) -> str | None:
+    """How a FAISS index, its items and its manifest disagree (None when they agree): another
+    kind or metric of index, another dimension, another number of vectors."""
+    faiss = import_faiss()
+    kind, files = manifest["kind"], manifest["files"]
+    found = type(index).__name__
+    if found != FAISS_CLASSES[kind]:
+        wanted = FAISS_CLASSES[kind]
+        return f"{files['faiss']} is an {found}, but {MANIFEST} says kind {kind} ({wanted})"
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return f"{files['faiss']} does not rank by inner product (cosine), as coembed builds it"
+    if index.d != manifest["dim"]:
+        return f"{files['faiss']} holds {index.d}-dim vectors, {MANIFEST} says {manifest['dim']}"
+    counts = (index.ntotal, len(meta["items"]), manifest["count"])
+    if len(set(counts)) > 1:
+        return (
+            f"{files['faiss']} holds {counts[0]} vectors, {files['items']} lists {counts[1]} "
+            f"items and {MANIFEST} counts {counts[2]}"
+        )
+    captions = meta.get("captions")
+    if captions is not None and len(captions) != len(meta["items"]):
+        return f"{files['items']} has {len(captions)} caption lists for {len(meta['items'])} items"
+    return None
 
 
 def read_index_files(root: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(FAISS index, items metadata, manifest) of the generation the manifest names, checked
     to agree with each other; one IndexError_ for anything missing, damaged or inconsistent."""
-    faiss = import_faiss()
     manifest = read_manifest(root)
     files = manifest["files"]
     faiss_path, items_path = root / files["faiss"], root / files["items"]
     for path in (faiss_path, items_path):
         if not path.is_file():
-            raise IndexError_(f"{path}: missing; the index directory is damaged, rebuild it")
-    try:
-        index = faiss.read_index(str(faiss_path))
-    except RuntimeError:
-        raise IndexError_(
-            f"{faiss_path}: unreadable (truncated or corrupt); rebuild the index"
-        ) from None
-    try:
-        meta = json.loads(items_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IndexError_(f"{items_path}: not valid JSON; rebuild the index") from None
-    if index.ntotal != len(meta["items"]) or index.ntotal != manifest["count"]:
-        raise IndexError_(
-            f"{root}: {faiss_path.name} holds {index.ntotal} vectors but the metadata "
-            f"{len(meta['items'])}; rebuild the index"
-        )
+            raise IndexError_(f"{path}: missing; the index directory is damaged, {REBUILD}")
+    index = read_faiss(faiss_path)
+    meta = read_json(items_path, IndexError_, REBUILD)
+    check_shape(meta, ITEMS_SHAPE, str(items_path), IndexError_, REBUILD)
+    problem = disagreement(index, meta, manifest)
+    if problem:
+        raise IndexError_(f"{root}: {problem}; {REBUILD}")
     return index, meta, manifest
 
 
@@ -206,13 +296,40 @@ def write_index_files(
     ``meta`` holds items, captions and skipped; ``manifest`` the index's description (kind,
     count, model identity...). Returns the manifest as written, its model with ``copy`` set.
     """
+    with writer_lock(root):
+        created = not root.exists()
+        root.mkdir(parents=True, exist_ok=True)
+        generation = 1 + max(
+            (int(m.group(2)) for p in root.iterdir() if (m := GENERATION.match(p.name))), default=0
+        )
+        copies_before = {p.name for p in root.iterdir() if p.name.startswith("model-")}
+        try:
+            manifest = _commit_generation(
+                root, generation, faiss_index, meta, manifest, model_files
+            )
+        except BaseException:
+            _remove_uncommitted(root, generation, copies_before, created)
+            raise
+        fsync_dir(root)
+        skipped = "".join(f"{source}\t{reason}\n" for source, reason in meta["skipped"])
+        atomic_write_text(root / SKIPPED_FILE, skipped)
+        files = manifest["files"]
+        remove_old_files(root, keep={files["faiss"], files["items"], manifest["model"]["copy"]})
+    return manifest
+
+
+def _commit_generation(
+    root: Path,
+    generation: int,
+    faiss_index: Any,
+    meta: dict[str, Any],
+    manifest: dict[str, Any],
+    model_files: Path | None,
+) -> dict[str, Any]:
+    """Write generation ``generation``'s files and the model copy, then replace index.json."""
     faiss = import_faiss()
-    root.mkdir(parents=True, exist_ok=True)
-    generation = 1 + max(
-        (int(m.group(2)) for p in root.iterdir() if (m := GENERATION.match(p.name))), default=0
-    )
     faiss_name, items_name = f"index-{generation:06d}.faiss", f"items-{generation:06d}.json"
-    atomic_write(root / faiss_name, lambda tmp: faiss.write_index(faiss_index, tmp))
+    atomic_write(root / faiss_name, lambda tmp: write_faiss(faiss, faiss_index, tmp))
     atomic_write_text(root / items_name, json.dumps(meta, ensure_ascii=False))
     model = {**manifest["model"], "copy": copy_model(model_files, root, manifest["model"])}
     manifest = {
@@ -222,37 +339,72 @@ def write_index_files(
         "files": {"faiss": faiss_name, "items": items_name},
     }
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))  # commit
-    fsync_dir(root)
-    skipped = "".join(f"{source}\t{reason}\n" for source, reason in meta["skipped"])
-    atomic_write_text(root / SKIPPED_FILE, skipped)
-    remove_old_files(root, keep={faiss_name, items_name, model["copy"]})
     return manifest
 
 
-def fsync_dir(root: Path) -> None:
-    """Make the renames in ``root`` durable before the old generation is deleted."""
+def write_faiss(faiss: Any, faiss_index: Any, path: str) -> None:
+    """Write a FAISS index through a Python file: FAISS's own file writer reports a failed final
+    flush (a full disk) only on stderr and leaves a truncated file, while Python raises."""
+    with open(path, "wb") as f:
+        faiss.write_index(faiss_index, faiss.PyCallbackIOWriter(f.write))
+
+
+def _remove_uncommitted(
+    root: Path, generation: int, copies_before: set[str], created: bool
+) -> None:
+    """Undo a save that failed before its commit: its generation's files, a model copy it made,
+    and ``root`` itself when the save created it and nothing else is left in it."""
+    faiss_name = f"index-{generation:06d}.faiss"
     try:
-        fd = os.open(root, os.O_RDONLY)
-    except OSError:
+        committed = json.loads((root / MANIFEST).read_text())["files"]["faiss"] == faiss_name
+    except (OSError, ValueError, KeyError, TypeError):
+        committed = False
+    if committed:  # interrupted just after the commit: the new generation is the index now
         return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    for name in (faiss_name, f"items-{generation:06d}.json"):
+        (root / name).unlink(missing_ok=True)
+    for path in root.iterdir():
+        if path.name.startswith("model-") and path.name not in copies_before:
+            shutil.rmtree(path, ignore_errors=True)
+    if created and not any(root.iterdir()):
+        root.rmdir()
+
+
+def _is_temporary(name: str) -> bool:
+    temp_of = (".index-", ".items-", ".model-", f".{MANIFEST}.", f".{SKIPPED_FILE}.")
+    return name.startswith(temp_of) and name.endswith(".tmp")
 
 
 def remove_old_files(root: Path, keep: set[str | None]) -> None:
     """Delete older generations, unused model copies and temp files left by killed saves."""
-    temp_of = (".index-", ".items-", ".model-", f".{MANIFEST}.", f".{SKIPPED_FILE}.")
     for path in root.iterdir():
         name = path.name
         if name in keep:
             continue
-        stale_tmp = name.startswith(temp_of) and name.endswith(".tmp")
-        if GENERATION.match(name) or stale_tmp or (name.startswith("model-") and path.is_dir()):
+        if (
+            GENERATION.match(name)
+            or _is_temporary(name)
+            or (name.startswith("model-") and path.is_dir())
+        ):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """What in ``root`` an index save would never write: empty for a new folder, an index, or
+    the leftovers of a first build killed before its commit."""
+    if not root.is_dir():
+        return []
+    own = (MANIFEST, SKIPPED_FILE)
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if not (
+            p.name in own
+            or GENERATION.match(p.name)
+            or _is_temporary(p.name)
+            or (p.name.startswith("model-") and p.is_dir())
+        )
+    )

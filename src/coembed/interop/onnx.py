@@ -4,11 +4,16 @@
 
     image_encoder.onnx   pixel_values (B, 3, S, S) float32 -> image_embeddings (B, D) float32, unit rows
     text_encoder.onnx    tokens (B, L) int64            -> text_embeddings (B, D) float32, unit rows
-    tokenizer.json       the model's tokenizer (HF tokenizers), to make the tokens
+    tokenizer.json       the model's tokenizer (HF tokenizers), to make the tokens; its normalizer
+                         does the whitespace and case steps of coembed's caption clean-up
+    text_cleanup.py      the rest of the clean-up (ftfy, HTML entities): call ``fix_text`` on a
+                         caption before the tokenizer to get coembed's tokens (see onnx.json)
     preprocess.json      image size, mean/std, resize, interpolation and crop, to make the pixels
     onnx.json            the inputs and outputs above, for a reader without this docstring
 
-Each file is written to a temporary name and renamed, so a crash leaves no half-written graph.
+The export is built in a hidden folder beside the output and swapped into place as a whole, so
+a crash leaves the old export or the new one, never a mix of towers. An existing export is
+replaced only when asked (``overwrite``), and a folder holding anything else never.
 """
 
 from __future__ import annotations
@@ -20,15 +25,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from coembed import text_cleanup
 from coembed.checkpoint import PREPROCESS_FILE, TOKENIZER_FILE, load_model_dir, write_preprocess
 from coembed.config import ModelConfig
+from coembed.data.transforms import Preprocess
 from coembed.errors import CoembedError
-from coembed.files import atomic_write, atomic_write_text
+from coembed.files import (
+    atomic_write,
+    atomic_write_text,
+    check_replaceable,
+    clean_leftovers,
+    refuse_overlap,
+    staged_folder,
+)
+from coembed.locks import writer_lock
 from coembed.model import CoEmbed
+from coembed.tokenizer import Tokenizer
 
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
 SPEC_FILE = "onnx.json"
+CLEANUP_FILE = "text_cleanup.py"  # coembed.text_cleanup, copied as it is (it needs only ftfy)
+# Everything an export folder holds, graphs first.
+EXPORT_FILES = (IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, CLEANUP_FILE, PREPROCESS_FILE, SPEC_FILE)
 # Small enough to trace fast; 2 rather than 1 so the exporter cannot specialize the batch to 1.
 _EXAMPLE_BATCH = 2
 
@@ -111,6 +130,13 @@ def graph_spec(cfg: ModelConfig) -> dict:
             "file": TEXT_FILE,
             "input": _tensor_spec("tokens", ["batch", L], "int64"),
             "output": _tensor_spec("text_embeddings", ["batch", D], "float32"),
+            "tokenizer": TOKENIZER_FILE,
+            # The tokens are coembed's only for captions cleaned as coembed cleans them.
+            "cleanup": {
+                "first": f"{CLEANUP_FILE}: fix_text(caption), ftfy.fix_text then HTML unescape twice",
+                "then": f"{TOKENIZER_FILE}'s normalizer: NFC, whitespace runs to one space, "
+                "strip, lower-case (with final sigma)",
+            },
         },
     }
 
@@ -129,28 +155,30 @@ def _export_towers(model: CoEmbed, out: Path) -> None:
         _export_graph(TextEncoder(model), tokens, ("tokens", "text_embeddings"), out / TEXT_FILE)
 
 
-def export_onnx(model_dir: str, output_dir: str) -> list[Path]:
-    """Export a model directory's two towers (and its tokenizer and preprocessing) to ONNX.
-
-    Returns the paths written, graphs first.
-    """
-    _require_exporter()
-    model, _tokenizer, preprocess = load_model_dir(model_dir)
-    model = model.float().eval()
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise CoembedError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-
+def _write_export(model: CoEmbed, preprocess: Preprocess, src: Path, out: Path) -> None:
+    """Write every file of an export of ``model`` (from the model directory ``src``) into ``out``."""
     _export_towers(model, out)
-    src = Path(model_dir)
-    atomic_write(out / TOKENIZER_FILE, lambda tmp: shutil.copyfile(src / TOKENIZER_FILE, tmp))
+    atomic_write_text(out / TOKENIZER_FILE, Tokenizer.load(src).standalone_json())
+    atomic_write(out / CLEANUP_FILE, lambda tmp: shutil.copyfile(text_cleanup.__file__, tmp))
     write_preprocess(out / PREPROCESS_FILE, preprocess)
     atomic_write_text(out / SPEC_FILE, json.dumps(graph_spec(model.cfg), indent=2))
-    return [
-        out / IMAGE_FILE,
-        out / TEXT_FILE,
-        out / TOKENIZER_FILE,
-        out / PREPROCESS_FILE,
-        out / SPEC_FILE,
-    ]
+
+
+def export_onnx(model_dir: str, output_dir: str, overwrite: bool = False) -> list[Path]:
+    """Export a model directory's two towers (and its tokenizer and preprocessing) to ONNX.
+
+    The folder appears whole; an existing export is replaced only with ``overwrite``. Returns
+    the paths written, graphs first.
+    """
+    _require_exporter()
+    out = Path(output_dir)
+    refuse_overlap(out, {"--onnx": model_dir})
+    check_replaceable(out, EXPORT_FILES, "an ONNX export", overwrite)
+    model, _tokenizer, preprocess = load_model_dir(model_dir)
+    model = model.float().eval()
+    with writer_lock(out):
+        check_replaceable(out, EXPORT_FILES, "an ONNX export", overwrite)  # as it is now
+        clean_leftovers(out)
+        with staged_folder(out) as stage:
+            _write_export(model, preprocess, Path(model_dir), stage)
+    return [out / name for name in EXPORT_FILES]

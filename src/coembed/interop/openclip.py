@@ -26,19 +26,29 @@ The names, open_clip -> coembed (the rest of each name is kept)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from coembed.checkpoint import load_model_dir
-from coembed.config import ModelConfig, load_config
-from coembed.errors import CoembedError, ModelDirError
-from coembed.files import atomic_write, atomic_write_text
+from coembed.config import ModelConfig, load_config, parse_overrides
+from coembed.errors import CoembedError, ModelDirError, UsageError
+from coembed.files import (
+    atomic_write_all,
+    check_replaceable,
+    clean_leftovers,
+    refuse_overlap,
+    staged_folder,
+)
+from coembed.locks import writer_lock
 
 # Entries of OpenAI / open_clip files that are not weights: the causal mask (rebuilt from the
 # config) and the hyper-parameters OpenAI's TorchScript models carry as tensors.
@@ -230,6 +240,173 @@ def openclip_builtin_name(cfg: ModelConfig) -> str | None:
         if standard:
             return f"{name}-quickgelu" if oc["quick_gelu"] else name
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the config of an import
+
+# The activation names open_clip's configs and coembed's text tower use.
+ACTIVATIONS = {"gelu": "GELU", "quick_gelu": "QuickGELU"}
+# open_clip's own names for the CLIP ResNets: each shape with GELU, and with "-quickgelu".
+OPENCLIP_MODELS = tuple(n + suffix for n in _OPENAI_SHAPES for suffix in ("", "-quickgelu"))
+# Head width of every CLIP ResNet's attention pool and text tower (open_clip's head_width);
+# the weights do not store the number of heads.
+CLIP_HEAD_WIDTH = 64
+# Entries only OpenAI's own files carry; OpenAI trained every CLIP with QuickGELU.
+_OPENAI_ONLY = ("input_resolution", "context_length", "vocab_size")
+
+
+def _shape_overrides(
+    layers: list[int], width: int, size: int, dim: int, text: tuple[int, int, int, int, int]
+) -> list[str]:
+    """Config overrides for a CLIP ResNet; ``text`` is (vocab, context, width, layers, mlp)."""
+    vocab, context, text_width, text_layers, mlp = text
+    return [
+        f"model.embed_dim={dim}",
+        f"model.image.layers=[{','.join(map(str, layers))}]",
+        f"model.image.width={width}",
+        f"model.image.image_size={size}",
+        f"model.image.heads={max(1, width * 32 // CLIP_HEAD_WIDTH)}",
+        f"model.text.vocab_size={vocab}",
+        f"model.text.eot_id={vocab - 1}",
+        f"model.text.context_length={context}",
+        f"model.text.width={text_width}",
+        f"model.text.layers={text_layers}",
+        f"model.text.heads={max(1, text_width // CLIP_HEAD_WIDTH)}",
+        f"model.text.mlp_ratio={mlp}",
+    ]
+
+
+def openclip_model_overrides(name: str) -> list[str]:
+    """Config overrides (on the ``rn50`` recipe) for open_clip's built-in model ``name``: its
+    shapes, and GELU, or QuickGELU for a ``-quickgelu`` name."""
+    base = name.removesuffix("-quickgelu")
+    if name not in OPENCLIP_MODELS:
+        raise UsageError(
+            f"--openclip-model {name}: not one of open_clip's CLIP ResNets; "
+            f"choose one of {', '.join(OPENCLIP_MODELS)}"
+        )
+    layers, width, size, dim, text_width, _ = _OPENAI_SHAPES[base]
+    act = "quick_gelu" if name.endswith("-quickgelu") else "gelu"
+    shapes = _shape_overrides(layers, width, size, dim, (49408, 77, text_width, 12, 4.0))
+    return [*shapes, f"model.text.act={act}"]
+
+
+def _block_count(state: dict[str, Tensor], prefix: str) -> int:
+    """How many numbered blocks ``<prefix><i>.`` the state dict holds."""
+    return len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})
+
+
+def inferred_overrides(state: dict[str, Tensor], source: str) -> list[str]:
+    """Config overrides for the shapes an open_clip / OpenAI CLIP ResNet state dict holds.
+
+    Head counts are not stored in the weights: CLIP's 64-wide heads are assumed, as every
+    OpenAI and open_clip ResNet has them. A logit bias starts the config's ``init_logit_bias``.
+    """
+    _check_family(state, source)
+    try:
+        layers = [_block_count(state, f"visual.layer{i}.") for i in range(1, 5)]
+        width = state["visual.layer1.0.conv1.weight"].shape[0]
+        # The pool's positions: one per cell of the (size / 32)^2 grid, plus the mean token.
+        grid = math.isqrt(state["visual.attnpool.positional_embedding"].shape[0] - 1)
+        dim = state["visual.attnpool.c_proj.weight"].shape[0]
+        vocab, text_width = state["token_embedding.weight"].shape
+        hidden = state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        text = (
+            vocab,
+            state["positional_embedding"].shape[0],
+            text_width,
+            _block_count(state, "transformer.resblocks."),
+            hidden / text_width,
+        )
+    except KeyError as missing:
+        raise ModelDirError(
+            f"{source}: cannot read the model's shapes: no tensor {missing}; "
+            "give --openclip-model NAME or --config RECIPE"
+        ) from None
+    overrides = _shape_overrides(layers, width, grid * 32, dim, text)
+    if "logit_bias" in state:
+        overrides.append(f"model.init_logit_bias={float(state['logit_bias'].flatten()[0])}")
+    return overrides
+
+
+def _activation_set(overrides: list[str]) -> str | None:
+    """The text activation ``--set`` chooses, if it does."""
+    return parse_overrides(overrides).get("model", {}).get("text", {}).get("act")
+
+
+def _inferred_config(
+    state: dict[str, Tensor], source: str, overrides: list[str]
+) -> tuple[ModelConfig, str]:
+    """The config for the shapes ``state`` holds, and why its activation is the one it is."""
+    shapes = inferred_overrides(state, source)
+    if _activation_set(overrides):
+        return load_config("rn50", shapes + overrides).model, "--set model.text.act"
+    if any(k in state for k in _OPENAI_ONLY):
+        why = "an OpenAI CLIP file; OpenAI trained every CLIP with QuickGELU"
+        return load_config("rn50", [*shapes, "model.text.act=quick_gelu", *overrides]).model, why
+    name = openclip_builtin_name(load_config("rn50", shapes + overrides).model)
+    if name is None:
+        fix = "add --set model.text.act=gelu or quick_gelu, the one it was trained with"
+    else:
+        base = name.removesuffix("-quickgelu")
+        fix = (
+            f"name the open_clip model it is (--openclip-model {base} for GELU, "
+            f"{base}-quickgelu for QuickGELU) or add --set model.text.act=gelu (or quick_gelu)"
+        )
+    raise UsageError(
+        f"{source}: its weights do not say whether the text tower uses GELU or QuickGELU; {fix}"
+    )
+
+
+@dataclass
+class ImportPlan:
+    """A checked conversion: the coembed state dict, its config, and where the config came from."""
+
+    state: dict[str, Tensor]
+    cfg: ModelConfig
+    shapes_from: str
+    activation_from: str
+
+    def describe(self) -> str:
+        """One line: the architecture, the text activation and why, and the assumed head counts."""
+        cfg = self.cfg
+        name = openclip_builtin_name(cfg)
+        shape = f"open_clip's {name}" if name else "a CLIP ResNet"
+        return (
+            f"{shape} (shapes from {self.shapes_from}), text activation "
+            f"{ACTIVATIONS[cfg.text.act]} (from {self.activation_from}), "
+            f"heads: text {cfg.text.heads}, image pool {cfg.image.heads}"
+        )
+
+
+def plan_openclip_import(
+    file: str,
+    config: str | None = None,
+    openclip_model: str | None = None,
+    overrides: list[str] | None = None,
+) -> ImportPlan:
+    """Read a checkpoint and choose its config: a coembed recipe, open_clip's model name, or
+    (with neither) the shapes its tensors hold; returns the checked conversion."""
+    overrides = list(overrides or [])
+    if config and openclip_model:
+        raise UsageError("give --config RECIPE or --openclip-model NAME, not both")
+    raw = read_checkpoint(file)
+    if openclip_model:
+        cfg = load_config("rn50", openclip_model_overrides(openclip_model) + overrides).model
+        shapes_from, act_from = f"--openclip-model {openclip_model}", openclip_model
+    elif config:
+        cfg = load_config(config, overrides).model
+        shapes_from = act_from = f"--config {config}"
+    else:
+        shapes_from = "the checkpoint's tensors"
+        cfg, act_from = _inferred_config(raw, file, overrides)
+    if _activation_set(overrides):
+        act_from = "--set model.text.act"
+    _require(
+        compatibility_problems(cfg), f"{shapes_from} does not compute what open_clip's CLIP does"
+    )
+    return ImportPlan(convert_state(raw, cfg, file), cfg, shapes_from, act_from)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,26 +683,73 @@ def read_openclip_state(path: str, cfg: ModelConfig) -> dict[str, Tensor]:
 
 
 def import_openclip(
-    file: str, config: str, output: str, overrides: list[str] | None = None
+    file: str,
+    config: str | None,
+    output: str,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+    openclip_model: str | None = None,
+    report: Callable[[str], object] | None = None,
 ) -> Path:
-    """Convert an open_clip / OpenAI CLIP ResNet checkpoint into a coembed model directory; returns it."""
-    from coembed.checkpoint import load_state_strict, save_model_dir
+    """Convert an open_clip / OpenAI CLIP ResNet checkpoint into a coembed model directory; returns it.
+
+    The config is the recipe ``config``, open_clip's model ``openclip_model`` (``RN50``,
+    ``RN50-quickgelu``, ...), or with neither the shapes the checkpoint holds (see
+    ``plan_openclip_import``); ``report`` gets one line saying which, and the text activation.
+
+    The directory appears whole (built beside it, then swapped in); an existing model directory
+    is replaced only with ``overwrite``, and a folder holding anything else never.
+    """
+    from coembed.checkpoint import MODEL_FILES, load_state_strict, save_model_dir
     from coembed.model import CoEmbed
     from coembed.tokenizer import Tokenizer
 
-    cfg = load_config(config, overrides).model
-    _require(
-        compatibility_problems(cfg),
-        f"config {config!r} does not compute what open_clip's CLIP does",
-    )
-    state = read_openclip_state(file, cfg)
+    out = Path(output)
+    refuse_overlap(out, {"--from-openclip": file})
+    check_replaceable(out, MODEL_FILES, "a model directory", overwrite)
+    plan = plan_openclip_import(file, config, openclip_model, overrides)
+    if report is not None:
+        report(plan.describe())
+    cfg = plan.cfg
     model = CoEmbed(cfg)
-    load_state_strict(model, state, file)
+    load_state_strict(model, plan.state, file)
     tokenizer = Tokenizer.clip(context_length=cfg.text.context_length)
-    return save_model_dir(model.eval(), tokenizer, output)
+    with writer_lock(out):
+        check_replaceable(out, MODEL_FILES, "a model directory", overwrite)  # as it is now
+        clean_leftovers(out)
+        with staged_folder(out) as stage:
+            save_model_dir(model.eval(), tokenizer, stage)
+    return out
 
 
-def export_openclip(model_dir: str, output_file: str) -> Path:
+def _export_target(model_dir: str, output_file: str, overwrite: bool) -> tuple[Path, Path]:
+    """The weights file and its .json sibling, checked: a file name, apart from the model, and
+    not in the way of existing files unless ``overwrite``."""
+    output = Path(output_file)
+    if output.is_dir() or output.suffix == ".json":
+        raise CoembedError(
+            f"{output}: give a file name such as model.pt or model.safetensors "
+            "(its .json sibling gets the open_clip model config)"
+        )
+    config_file = output.with_suffix(".json")
+    for path in (output, config_file):
+        refuse_overlap(path, {"--to-openclip": model_dir})
+        if path.exists() and not overwrite:
+            raise UsageError(f"--output: {path} exists; add --overwrite to replace it")
+    return output, config_file
+
+
+def _weights_writer(state: dict[str, Tensor], output: Path) -> Callable[[str], object]:
+    """How to write ``state`` to a file: safetensors for ``.safetensors``, else ``torch.save``."""
+    if output.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        return lambda tmp: save_file(tensors, tmp)
+    return lambda tmp: torch.save(state, tmp)
+
+
+def export_openclip(model_dir: str, output_file: str, overwrite: bool = False) -> Path:
     """Write a coembed model's weights as an open_clip state dict; returns the weights file.
 
     ``FILE.safetensors`` is written with safetensors, anything else with ``torch.save``. The open_clip
@@ -535,7 +759,10 @@ def export_openclip(model_dir: str, output_file: str) -> Path:
         open_clip.create_model("FILE", pretrained="FILE.pt")
 
     works for any shapes; for OpenAI's shapes the built-in name (``RN50-quickgelu``...) works too.
+    Both files are written in full before either replaces an existing one (only with
+    ``overwrite``).
     """
+    output, config_file = _export_target(model_dir, output_file, overwrite)
     model, tokenizer, _ = load_model_dir(model_dir)
     cfg = model.cfg
     _require(compatibility_problems(cfg), f"{model_dir}: cannot export to open_clip")
@@ -545,35 +772,36 @@ def export_openclip(model_dir: str, output_file: str) -> Path:
             f"{model_dir}: cannot export to open_clip: its tokenizer is not CLIP's BPE "
             f"(vocab_size {tokenizer.vocab_size}, eot_id {tokenizer.eot_id})"
         )
-    state = to_openclip_state(model.state_dict())
-    output = Path(output_file)
-    if output.is_dir() or output.suffix == ".json":
-        raise CoembedError(
-            f"{output}: give a file name such as model.pt or model.safetensors "
-            "(its .json sibling gets the open_clip model config)"
+    write_weights = _weights_writer(to_openclip_state(model.state_dict()), output)
+    config_text = json.dumps(openclip_model_config(cfg), indent=2)
+    with writer_lock(output):
+        _export_target(model_dir, output_file, overwrite)  # as it is now
+        clean_leftovers(output)
+        clean_leftovers(config_file)
+        atomic_write_all(
+            {
+                config_file: lambda tmp: Path(tmp).write_text(config_text),
+                output: write_weights,
+            }
         )
-    if output.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        atomic_write(
-            output, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-        )
-    else:
-        atomic_write(output, lambda tmp: torch.save(state, tmp))
-    atomic_write_text(output.with_suffix(".json"), json.dumps(openclip_model_config(cfg), indent=2))
     return output
 
 
 __all__ = [
     "NON_WEIGHTS",
+    "OPENCLIP_MODELS",
+    "ImportPlan",
     "coembed_name",
     "compatibility_problems",
     "convert_state",
     "export_openclip",
     "import_openclip",
+    "inferred_overrides",
     "openclip_builtin_name",
     "openclip_model_config",
+    "openclip_model_overrides",
     "openclip_name",
+    "plan_openclip_import",
     "read_checkpoint",
     "read_openclip_state",
     "structural_problems",

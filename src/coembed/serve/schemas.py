@@ -42,8 +42,11 @@ class SearchResult(BaseModel):
     rank: int
     id: int
     score: float
-    item: str
-    name: str
+    item: str = Field(
+        description="the text, or the image file relative to the indexed folder "
+        "(its absolute path when the server runs with --show-paths)"
+    )
+    name: str = Field(description="the text, or the image file relative to the indexed folder")
     url: str | None = None
     thumbnail: str | None = None
     captions: list[str] | None = None
@@ -54,6 +57,50 @@ class SearchResponse(BaseModel):
     k: int
     took_ms: float
     results: list[SearchResult]
+
+
+class FilterRequest(SearchRequest):
+    """Exactly one of ``text``, ``query``, ``image`` or ``id``, and ``min_score``, ``k`` or both."""
+
+    min_score: float | None = Field(
+        None, ge=-1, le=1, description="every item whose cosine similarity reaches this"
+    )
+    k: int | None = Field(  # type: ignore[assignment]
+        None, ge=1, le=MAX_K, description="at most this many items (alone: the k best)"
+    )
+
+
+class FilterResponse(BaseModel):
+    query: str
+    min_score: float | None
+    k: int | None
+    count: int
+    truncated: bool = Field(
+        description=f"more items matched than were returned (k, at most {MAX_K})"
+    )
+    took_ms: float
+    results: list[SearchResult]
+
+
+class ClassifyRequest(BaseModel):
+    """Exactly one of ``image`` (base64) or ``id``, and ``k``: the k likeliest classes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(None, description="an image file, base64 (a data: URL is fine)")
+    id: int | None = Field(None, ge=0, description="an indexed item")
+    k: int = Field(5, ge=1, le=MAX_K, description="how many classes")
+
+
+class ClassScore(BaseModel):
+    rank: int
+    label: str = Field(description="the class name")
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    took_ms: float
+    classes: list[ClassScore]
 
 
 class EmbedRequest(BaseModel):

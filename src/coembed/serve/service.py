@@ -8,7 +8,19 @@ the next forward pass. Image decoding (up to ``max_pixels``) runs on a small sep
 big upload never holds up text queries, and FAISS searches on another.
 
 Over HTTP an image term of a compositional query names an indexed item, by id (``image:17``) or
-by its indexed path, never an arbitrary file on the server.
+by its name in results, never an arbitrary file on the server.
+
+Results name an image by its path relative to the indexed folder (the common parent of the
+items' folders), so a client learns nothing of the server's file system; the operator may opt
+in to absolute paths (``show_paths``, ``coembed serve --show-paths``).
+
+Which files are served: an item's file is sent (or read, for a thumbnail or a re-embedding) only
+if its real path (every symlink resolved) still lies inside the index's roots, the folders the
+indexed files really were in when they were read (``Index.roots``; an index saved before it
+recorded them: its items' folders as recorded). The file is then opened from ``/`` one path
+component at a time without following any symlink, so a folder or file swapped for a symlink
+between the check and the open fails the open, and it must be a regular file (no FIFO, device or
+folder). Anything else is a 404 in the error shape, and nothing is read.
 """
 
 from __future__ import annotations
@@ -16,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -146,8 +159,12 @@ class TextBatcher:
 class SearchService:
     """An Index, its model and the threads that run them; the HTTP routes call this."""
 
-    def __init__(self, index: Index, version: str, max_pixels: int = MAX_PIXELS):
+    def __init__(
+        self, index: Index, version: str, max_pixels: int = MAX_PIXELS, show_paths: bool = False
+    ):
         self.index = index
+        self.show_paths = show_paths
+        self._name_root = name_root(index)
         self.embedder = index.embedder  # load the model now, not on the first request
         self.embedder.model.eval()
         self.max_pixels = max_pixels
@@ -159,10 +176,15 @@ class SearchService:
         self._query_cache: LruCache[str, np.ndarray] = LruCache(QUERY_CACHE_SIZE)
         self._thumbnails: LruCache[int, bytes] = LruCache(THUMBNAIL_CACHE_SIZE)
         self._item_ids: dict[str, int] | None = None
+        self._roots: frozenset[str] | None = None  # see served_roots
 
     @classmethod
     def load(
-        cls, index_dir: str | os.PathLike, device: str = "cpu", max_pixels: int = MAX_PIXELS
+        cls,
+        index_dir: str | os.PathLike,
+        device: str = "cpu",
+        max_pixels: int = MAX_PIXELS,
+        show_paths: bool = False,
     ) -> SearchService:
         """The service over the index saved in ``index_dir``, its model loaded on ``device``."""
         from coembed.index.store import read_manifest
@@ -172,7 +194,7 @@ class SearchService:
         # The index generation names the files; it goes into image URLs so browsers may cache
         # them for long and still never show a stale image after the index is rebuilt.
         version = Path(read_manifest(root)["files"]["faiss"]).stem.split("-")[-1]
-        return cls(index, version, max_pixels=max_pixels)
+        return cls(index, version, max_pixels=max_pixels, show_paths=show_paths)
 
     def close(self) -> None:
         """Stop the service's threads; queued work is dropped."""
@@ -256,7 +278,7 @@ class SearchService:
             # IVF-PQ keeps codes without an id map; the indexed file itself is the way back.
             if self.index.modality == "text":
                 return await self.embed_text(self.index.items[item_id])
-            data = await self._run(self._decode_pool, Path(self.index.items[item_id]).read_bytes)
+            data = await self._run(self._decode_pool, self._read_item, item_id)
             return (await self.embed_images([data]))[0]
 
     # -- queries --
@@ -288,13 +310,29 @@ class SearchService:
         if value.isascii() and value.isdigit() and int(value) < len(self.index):
             return int(value)
         if self._item_ids is None:
-            self._item_ids = {item: i for i, item in enumerate(self.index.items)}
+            # By the names results show: a client cannot probe for the server's own paths.
+            self._item_ids = {self.shown_item(i): i for i in range(len(self.index.items))}
+            self._item_ids.update({self.item_name(i): i for i in range(len(self.index.items))})
         if value in self._item_ids:
             return self._item_ids[value]
         raise UsageError(
             f"image:{value}: not an indexed item; over HTTP an image term names an indexed "
-            "image by its id (as in image:17, the id of a search result) or its indexed path"
+            "image by its id (as in image:17, the id of a search result) or its name in results"
         )
+
+    def item_name(self, item_id: int) -> str:
+        """How results name an item: a text itself, an image by its path relative to the
+        indexed folder (its file name when it lies elsewhere)."""
+        item = self.index.items[item_id]
+        if self.index.modality != "image":
+            return item
+        if self._name_root is not None and item.startswith(self._name_root):
+            return item[len(self._name_root) :]
+        return os.path.basename(item)
+
+    def shown_item(self, item_id: int) -> str:
+        """A result's ``item``: its name, or with ``show_paths`` the indexed path itself."""
+        return self.index.items[item_id] if self.show_paths else self.item_name(item_id)
 
     def _check_id(self, item_id: int) -> None:
         if not 0 <= item_id < len(self.index):
@@ -309,17 +347,16 @@ class SearchService:
 
     def rows(self, ids: Sequence[int], scores: Sequence[float]) -> list[dict[str, Any]]:
         """One JSON-ready row per hit (the ``SearchResult`` schema), in the order given."""
-        items, captions = self.index.items, self.index.captions
+        captions = self.index.captions
         images = self.index.modality == "image"
         rows = []
         for rank, (i, score) in enumerate(zip(ids, scores), start=1):
-            item = items[i]
             row: dict[str, Any] = {
                 "rank": rank,
                 "id": i,
                 "score": round(float(score), 6),
-                "item": item,
-                "name": os.path.basename(item) if images else item,
+                "item": self.shown_item(i),
+                "name": self.item_name(i),
             }
             if images:
                 row["url"] = f"/images/{i}?v={self.version}"
@@ -341,11 +378,50 @@ class SearchService:
             raise HTTPException(404, f"item {item_id}: its file is no longer on this server")
         return path
 
-    def _make_thumbnail(self, path: Path) -> bytes:
+    def served_roots(self) -> frozenset[str]:
+        """The folders whose files may be served: the index's roots (see the module docstring)."""
+        if self._roots is None:
+            from coembed.index.inputs import image_roots
+
+            roots = self.index.roots
+            if roots is None:
+                roots = image_roots(self.index.items, resolve=False)
+            self._roots = frozenset(roots)
+        return self._roots
+
+    def open_item(self, item_id: int) -> BinaryIO:
+        """The indexed file of an item, opened for reading, if it may be served (see the module
+        docstring); HTTPException 404 if not."""
+        real = os.path.realpath(self.image_path(item_id))
+        roots = self.served_roots()
+        if not any(str(folder) in roots for folder in Path(real).parents):
+            raise HTTPException(
+                404, f"item {item_id}: its file now leads outside the indexed folders; not served"
+            )
+        try:
+            file = os.fdopen(open_without_symlinks(real), "rb")
+        except OSError:
+            raise HTTPException(404, f"item {item_id}: its file changed as it was opened") from None
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            file.close()
+            raise HTTPException(404, f"item {item_id}: its file is no longer a regular file")
+        return file
+
+    def _read_item(self, item_id: int) -> bytes:
+        """The bytes of an item's file (see ``open_item``), at most MAX_IMAGE_BYTES of them."""
+        from coembed.data.images import MAX_IMAGE_BYTES
+
+        with self.open_item(item_id) as file:
+            data = file.read(MAX_IMAGE_BYTES + 1)
+        if len(data) > MAX_IMAGE_BYTES:
+            raise HTTPException(404, f"item {item_id}: its file is now over {MAX_IMAGE_BYTES:,} B")
+        return data
+
+    def _make_thumbnail(self, item_id: int) -> bytes:
         from coembed.data.images import open_image
 
         # min_size lets a JPEG decode at a reduced scale: far less work than the full photo.
-        image = open_image(path, min_size=THUMBNAIL_SIZE)
+        image = open_image(self._read_item(item_id), min_size=THUMBNAIL_SIZE)
         image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85)
@@ -353,12 +429,43 @@ class SearchService:
 
     async def thumbnail(self, item_id: int) -> bytes:
         """A JPEG of at most THUMBNAIL_SIZE px a side of an indexed image (cached)."""
-        path = self.image_path(item_id)
+        self.open_item(item_id).close()  # a cached thumbnail too is only for a servable file
         cached = self._thumbnails.get(item_id)
         if cached is None:
             try:
-                cached = await self._run(self._decode_pool, self._make_thumbnail, path)
+                cached = await self._run(self._decode_pool, self._make_thumbnail, item_id)
             except ImageError:
                 raise HTTPException(404, f"item {item_id}: its file no longer decodes") from None
             self._thumbnails.put(item_id, cached)
         return cached
+
+
+def name_root(index: Index) -> str | None:
+    """The prefix (ending in a separator) that results leave out of image paths: the common
+    parent of the items' folders, as the items spell them. None for a text index."""
+    if index.modality != "image" or not index.items:
+        return None
+    try:
+        root = os.path.commonpath({os.path.dirname(item) for item in index.items})
+    except ValueError:  # relative and absolute paths mixed: no common parent
+        return None
+    return root if root.endswith(os.sep) else root + os.sep
+
+
+def open_without_symlinks(real: str) -> int:
+    """A read-only descriptor of the file at the absolute path ``real``, opened from ``/`` one
+    component at a time, following no symlink: OSError if any component is one (or is gone)."""
+    if os.open not in os.supports_dir_fd:  # no openat (Windows): the realpath check must do
+        return os.open(real, os.O_RDONLY)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    *folders, name = Path(real).parts
+    fd = os.open(folders[0], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for folder in folders[1:]:
+            inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        # Non-blocking: a FIFO swapped in cannot hold the open (fstat then refuses it).
+        return os.open(name, os.O_RDONLY | nofollow | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)

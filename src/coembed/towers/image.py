@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from coembed.config import ImageConfig
 from coembed.errors import ConfigError
-from coembed.towers.layers import AttentionPool2d, HalvingAvgPool, image_pool
+from coembed.towers.layers import AttentionPool2d, HalvingAvgPool, image_pool, run_segment
 
 
 def pool(stride: int) -> nn.Module:
@@ -86,11 +87,19 @@ class ModifiedResNetTrunk(nn.Module):
                 # Residual branches start near identity, as in CLIP.
                 nn.init.zeros_(block.bn3.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, width, S/4, S/4): three convolutions, then the halving pool."""
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
-        x = self.avgpool(self.relu(self.bn3(self.conv3(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.avgpool(self.relu(self.bn3(self.conv3(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+    def segments(self) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]]:
+        """The trunk as a chain of (function, the module it runs): the stem, then every block."""
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return [(self.stem, self), *((block, block) for stage in stages for block in stage)]
 
     def groups(self) -> list[nn.Module]:
         """Parameter groups from input to output, for lock-with-unlocked-last-groups."""
@@ -123,6 +132,8 @@ def torchvision_trunk(name: str) -> tuple[nn.Module, list[nn.Module]]:
 
 
 class ImageTower(nn.Module):
+    grad_checkpointing = False  # recompute each trunk segment's activations in the backward pass
+
     def __init__(self, cfg: ImageConfig, output_dim: int):
         super().__init__()
         self.cfg = cfg
@@ -146,7 +157,16 @@ class ImageTower(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized images -> (B, output_dim) unnormalized features."""
-        return self.pool(self.trunk(images))
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.pool(self.trunk(images))
+        if isinstance(self.trunk, ModifiedResNetTrunk):
+            segments = self.trunk.segments()
+        else:  # a torchvision trunk: a Sequential of its stages
+            segments = [(stage, stage) for stage in self.trunk]
+        x = images
+        for function, module in segments:
+            x = run_segment(function, module, x, recompute=True)
+        return self.pool(x)
 
     def lock(self, unlocked_groups: int = 0) -> None:
         """Freeze the tower except its last ``unlocked_groups`` stages (pooling counts as one).

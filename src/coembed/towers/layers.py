@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from coembed.errors import ConfigError
 
@@ -186,6 +189,38 @@ class Block(nn.Module):
         """The block on packed tokens (see ``SelfAttention.forward_packed``): (N, C) -> (N, C)."""
         x = x + self.attn.forward_packed(self.ln_1(x), rows, B, T, mask, causal)
         return x + self.mlp(self.ln_2(x))
+
+
+@contextlib.contextmanager
+def buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Within the block, changes to ``module``'s buffers are undone on the way out."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def run_segment(
+    function: Callable[..., torch.Tensor], module: nn.Module, *args: object, recompute: bool
+) -> torch.Tensor:
+    """``function(*args)``: one segment of a tower, made of ``module``'s layers.
+
+    With ``recompute`` (gradient checkpointing) the segment keeps only its inputs for the
+    backward pass, which runs it a second time to get its activations back: memory for one more
+    forward. The second run normalizes with the same batch statistics, so the gradients are the
+    same; BatchNorm's running statistics, which it would update again, are put back after it.
+    """
+    if not recompute:
+        return function(*args)
+    return checkpoint(
+        function,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), buffers_restored(module)),
+    )
 
 
 def pool_tokens(

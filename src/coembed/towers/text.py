@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from coembed.config import TextConfig
-from coembed.towers.layers import Block, eager, pool_tokens, positional_encoding
+from coembed.towers.layers import Block, eager, pool_tokens, positional_encoding, run_segment
 
 
 class TextTower(nn.Module):
+    grad_checkpointing = False  # recompute each block's activations in the backward pass
+
     def __init__(self, cfg: TextConfig, output_dim: int):
         super().__init__()
         self.cfg = cfg
@@ -62,18 +64,21 @@ class TextTower(nn.Module):
         # fast is_causal path is exact; bidirectional attention needs the key-padding mask.
         mask = None if causal else valid[:, None, None, :]  # (B, 1, 1, T)
         rows = valid.flatten().nonzero().squeeze(1) if eager() else None
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         if rows is not None and len(rows) < B * T:
             # Packed: LayerNorms, projections and MLPs (most of the tower's work) run on the
             # real tokens only, not on the padding of captions shorter than the longest one.
             C = x.shape[-1]
             h = x.reshape(B * T, C).index_select(0, rows)  # (N, C)
             for block in self.blocks:
-                h = block.forward_packed(h, rows, B, T, mask, causal)
+                h = run_segment(
+                    block.forward_packed, block, h, rows, B, T, mask, causal, recompute=recompute
+                )
             h = self.ln_final(h)  # (N, C), in the dtype autocast gives it (see forward_packed)
             x = h.new_zeros(B * T, C).index_copy(0, rows, h).view(B, T, C)  # (B, T, C)
         else:
             for block in self.blocks:
-                x = block(x, mask=mask, causal=causal)
+                x = run_segment(block, block, x, mask, causal, recompute=recompute)
             x = self.ln_final(x)
         return self.proj(pool_tokens(x, self.cfg.pool, eot, valid))
 

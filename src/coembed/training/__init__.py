@@ -27,7 +27,13 @@ from coembed.config import Config
 from coembed.training.build import build_run
 from coembed.training.log import Logger, data_skipped, report_end, report_start, run_summary
 from coembed.training.loop import run_loop
-from coembed.training.run import RunOptions, TrainingDiverged, TrainRun, finish_distributed
+from coembed.training.run import (
+    RunOptions,
+    TrainingDiverged,
+    TrainRun,
+    finish_distributed,
+    owned_output,
+)
 
 __all__ = ["RunOptions", "TrainingDiverged", "train"]
 
@@ -41,6 +47,8 @@ def train(
     init: str | None = None,
     resume: bool = False,
     split: str | None = None,
+    val_split: str | None = None,
+    zeroshot_data: str | os.PathLike | None = None,
     device: str | None = None,
     profile: bool = False,
 ) -> dict:
@@ -48,8 +56,14 @@ def train(
     (with ``profile``, the profile's figures instead).
 
     ``config`` is a Config, a recipe name or YAML path, or None to resume with the run's saved
-    config; ``device`` replaces ``train.device``. On ``resume`` a config or data given again
-    must be the run's own (UsageError otherwise).
+    config; ``device`` replaces ``train.device``. ``split`` and ``val_split`` pick the splits of
+    Karpathy / COCO files (a Karpathy file trains on "train" and validates on "val" unless told
+    otherwise); ``zeroshot_data`` is a folder of class sub-folders classified at every
+    validation. On ``resume`` a config or data given again must be the run's own (UsageError
+    otherwise), and there must be a run to resume.
+
+    SIGINT or SIGTERM during the steps stops the run after the current step with a checkpoint
+    of it, then acts as it would have (KeyboardInterrupt for SIGINT).
     """
     started = time.perf_counter()
     options = RunOptions(
@@ -60,11 +74,14 @@ def train(
         init=init,
         resume=resume,
         device=device,
+        val_split=val_split,
+        zeroshot_data=None if zeroshot_data is None else os.fspath(zeroshot_data),
     )
-    run = build_run(config, options)
-    if profile:
-        return profile_and_print(run)
-    return fit(run, started)
+    with owned_output(options):  # locked; removed again if the run fails before a checkpoint
+        run = build_run(config, options, keep=not profile)
+        if profile:
+            return profile_and_print(run)
+        return fit(run, started)
 
 
 def fit(run: TrainRun, started: float) -> dict:

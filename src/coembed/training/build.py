@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,8 +23,11 @@ from coembed.loss import make_loss
 from coembed.model import CoEmbed
 from coembed.training.inputs import (
     build_tokenizer_and_config,
+    check_resampling,
+    choose_splits,
     load_pair_data,
     prepare_validation,
+    prepare_zeroshot,
     read_pairs,
 )
 from coembed.training.optim import make_optimizer, total_steps_for
@@ -39,6 +42,7 @@ from coembed.training.run import (
     setup_distributed,
 )
 from coembed.training.state import (
+    SAVED_DATA,
     checkpoint_dirs,
     load_checkpoint,
     read_run_config,
@@ -59,6 +63,7 @@ class RunPlan:
     cfg: Config
     requested: Config | None  # the config as asked for; None when resuming a saved run
     options: RunOptions  # a resumed run's data as saved in run_config.json
+    notes: list[str] = field(default_factory=list)  # what was chosen for the user, to print
 
     @property
     def resuming(self) -> bool:
@@ -87,16 +92,19 @@ def plan_run(config: Config | str | os.PathLike | None, options: RunOptions) -> 
     saved = read_run_config(options.output) if options.resume else None
     if saved is not None:
         cfg = resumed_config(saved, given, options)
-        data = {key: saved[key] for key in ("train_data", "val_data", "split", "init")}
+        data = {key: saved[key] for key in SAVED_DATA}
         return RunPlan(cfg, None, replace(options, **data))
-    if given is None:
+    if options.resume:
         raise UsageError(
-            f"{options.output} holds no run to resume (no {RUN_CONFIG}); give the config to "
-            "start it"
+            f"--resume: {options.output} holds no run to resume (no {RUN_CONFIG}); "
+            "leave out --resume to start a new run there"
         )
+    if given is None:
+        raise UsageError("give the config (--config) to start a run")
     if options.train_data is None:
         raise UsageError("give the training data (--train-data) to start a run")
-    return RunPlan(copy.deepcopy(given), given, options)
+    options, notes = choose_splits(options)
+    return RunPlan(copy.deepcopy(given), given, options, notes)
 
 
 def run_tokenizer(plan: RunPlan, records: list[Record], dist_: Dist) -> Tokenizer:
@@ -143,6 +151,7 @@ def build_model(
     if init:
         init_weights(model, init)
     apply_locks(model, cfg)
+    model.visual.grad_checkpointing = model.text.grad_checkpointing = cfg.train.grad_checkpointing
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -165,12 +174,22 @@ def start_processes(cfg: Config, options: RunOptions) -> tuple[Dist, torch.devic
     return dist_, device
 
 
-def build_run(config: Config | str | os.PathLike | None, options: RunOptions) -> TrainRun:
-    """Everything a run needs, checked before anything is written that would block a retry."""
+def build_run(
+    config: Config | str | os.PathLike | None, options: RunOptions, *, keep: bool = True
+) -> TrainRun:
+    """Everything a run needs, checked before anything is written that would block a retry.
+
+    With ``keep`` (not for a profile) the run is recorded (run_config.json, the tokenizer) so
+    that it can be resumed.
+    """
     plan = plan_run(config, options)
     cfg, options = plan.cfg, plan.options
     dist_, device = start_processes(cfg, options)
+    if dist_.is_main:
+        for note in plan.notes:
+            print(note, flush=True)
     records, report = read_pairs(options.train_data, cfg, options.split)
+    check_resampling(cfg, report)
     tokenizer = run_tokenizer(plan, records, dist_)
     cfg = validate(cfg)
     checkpoints = checkpoint_dirs(options.output) if plan.resuming else []
@@ -180,8 +199,6 @@ def build_run(config: Config | str | os.PathLike | None, options: RunOptions) ->
     data = load_pair_data(records, cfg, options.output, dist_)
     # DataError when the data holds less than one batch.
     batches = data.num_batches(cfg.train.batch_size // dist_.world, dist_.world)
-    total_steps = total_steps_for(cfg, batches)
-    val = prepare_validation(options.val_data, cfg, options.split) if options.val_data else None
     run = TrainRun(
         cfg=cfg,
         output=options.output,
@@ -192,13 +209,13 @@ def build_run(config: Config | str | os.PathLike | None, options: RunOptions) ->
         tokenizer=tokenizer,
         optimizer=optimizer,
         data=data,
-        total_steps=total_steps,
+        total_steps=total_steps_for(cfg, batches),
         batches_per_epoch=batches,
         loss_fn=make_loss(cfg.train.loss),
-        val=val,
         read_report=report,
     )
-    if dist_.is_main and not plan.resuming:
+    read_evaluation_sets(run, options)
+    if dist_.is_main and keep and not plan.resuming:
         tokenizer.save(options.output / TOKENIZER_FILE)
         write_run_config(options, cfg, plan.requested)
     if autocast_dtype(cfg.train.precision, device) == torch.float16:
@@ -207,4 +224,16 @@ def build_run(config: Config | str | os.PathLike | None, options: RunOptions) ->
         remove_leftovers(options.output)
     if checkpoints:
         load_checkpoint(run, checkpoints[-1])
+    elif plan.resuming and dist_.is_main:
+        print(f"no checkpoint in {options.output} yet: the run starts again at step 0", flush=True)
     return run
+
+
+def read_evaluation_sets(run: TrainRun, options: RunOptions) -> None:
+    """The validation pairs and the zero-shot class folder, decoded once. Every process reads
+    them, though only the main one evaluates: decoding draws from torch's generator, whose state
+    a resumed run restores to the main process's on every rank."""
+    if options.val_data:
+        run.val = prepare_validation(options.val_data, run.cfg, options.val_split)
+    if options.zeroshot_data:
+        run.zeroshot = prepare_zeroshot(options.zeroshot_data, run.cfg)

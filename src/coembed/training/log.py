@@ -1,15 +1,17 @@
-"""What a run tells: metrics.jsonl and TensorBoard, validation recall, the lines printed at the
-start and the end of a run, and summary.json."""
+"""What a run tells: metrics.jsonl and TensorBoard, validation recall and zero-shot accuracy,
+the lines printed at the start and the end of a run, and summary.json."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from coembed import process
 from coembed.files import atomic_write_text
+from coembed.names import escape_name
 from coembed.training.run import TrainRun
 
 
@@ -89,6 +91,58 @@ def validate_run(run: TrainRun) -> dict[str, float]:
     )
 
 
+@torch.no_grad()
+def zeroshot_run(run: TrainRun) -> dict[str, float]:
+    """Zero-shot top-1/top-5 accuracy on the class folder, with the current weights."""
+    from coembed.data.transforms import Preprocess
+    from coembed.embedder import Embedder
+    from coembed.evaluate import zeroshot_classifier, zeroshot_scores
+
+    zs, model = run.zeroshot, run.raw_model
+    embedder = Embedder(model, run.tokenizer, Preprocess(model.cfg.image.image_size), run.device)
+    model.eval()
+    try:
+        images = np.concatenate(
+            [embedder.embed_pixels(zs.pixels[i : i + 256]) for i in range(0, len(zs.pixels), 256)]
+        )
+        classifier = zeroshot_classifier(embedder, zs.classnames, zs.templates)
+    finally:
+        model.train()
+    scores = zeroshot_scores(images, zs.labels, classifier, zs.classnames)
+    return {"zeroshot_top1": scores["top1"], "zeroshot_top5": scores["top5"]}
+
+
+def evaluate_and_log(run: TrainRun, logger: Logger, epoch: int, say) -> dict[str, float]:
+    """Validation recall and zero-shot accuracy (those the run has), logged to metrics.jsonl
+    and told through ``say`` (one line each); returns them."""
+    metrics: dict[str, float] = {}
+    if run.val is not None:
+        metrics.update(validate_run(run))
+        say(
+            f"step {run.step} val: i2t R@1 {metrics['image_to_text_R@1']:.3f}  "
+            f"t2i R@1 {metrics['text_to_image_R@1']:.3f}"
+        )
+    if run.zeroshot is not None:
+        metrics.update(zeroshot_run(run))
+        say(
+            f"step {run.step} zero-shot: top-1 {metrics['zeroshot_top1']:.3f}  "
+            f"top-5 {metrics['zeroshot_top5']:.3f}"
+        )
+    # metrics.jsonl keys: val/image_to_text_R@1, ..., zeroshot/top1, zeroshot/top5
+    logged = {
+        (f"zeroshot/{k.removeprefix('zeroshot_')}" if k.startswith("zeroshot_") else f"val/{k}"): v
+        for k, v in metrics.items()
+    }
+    logger.log(run.step, epoch=epoch, **logged)
+    return metrics
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
+
+
 def data_skipped(run: TrainRun) -> dict[str, int]:
     """Images skipped so far, by reason (only reasons that happened)."""
     return {k: v for k, v in sorted(run.data.skipped.items()) if v}
@@ -104,6 +158,8 @@ def report_start(run: TrainRun, logger: Logger) -> None:
         + (f", resuming at step {run.step}" if run.step else ""),
         flush=True,
     )
+    trainable, frozen = parameter_counts(run.raw_model)
+    print(f"parameters: {trainable:,} trainable, {frozen:,} frozen", flush=True)
     skipped = data_skipped(run)
     if skipped:
         print("images skipped: " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
@@ -114,12 +170,14 @@ def report_start(run: TrainRun, logger: Logger) -> None:
 
 
 def run_summary(run: TrainRun, metrics: dict, seconds: float) -> dict:
-    """What summary.json holds: steps, seconds, skipped images, empty captions, last recall."""
+    """What summary.json holds: steps, seconds, skipped images, empty and cut captions, last
+    recall."""
     summary = {
         "steps": run.step,
         "seconds": round(seconds, 1),
         "skipped_images": data_skipped(run),
         "empty_captions": run.read_report.empty_captions,
+        "long_captions_truncated": run.read_report.long_captions_truncated,
     }
     summary.update(metrics)
     return summary
@@ -137,7 +195,7 @@ def report_end(run: TrainRun, summary: dict, seconds: float) -> None:
     if skipped:
         notes.append("images skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
     atomic_write_text(run.output / "summary.json", json.dumps(summary, indent=2))
-    print(f"done: {run.step} steps in {seconds:.0f} s; model in {run.output}")
+    print(f"done: {run.step} steps in {seconds:.0f} s; model in {escape_name(run.output)}")
     if notes:
         print("data: " + "; ".join(notes))
     if "image_to_text_R@1" in summary:
@@ -146,4 +204,8 @@ def report_end(run: TrainRun, summary: dict, seconds: float) -> None:
             + " / ".join(f"{summary[f'image_to_text_R@{k}']:.3f}" for k in (1, 5, 10))
             + "   text->image "
             + " / ".join(f"{summary[f'text_to_image_R@{k}']:.3f}" for k in (1, 5, 10))
+        )
+    if "zeroshot_top1" in summary:
+        print(
+            f"zero-shot top-1 {summary['zeroshot_top1']:.3f}  top-5 {summary['zeroshot_top5']:.3f}"
         )

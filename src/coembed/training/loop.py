@@ -1,32 +1,84 @@
 """The loop: epochs of prefetched batches through ``train_step``, with checkpoints, validation and
-logging at their steps."""
+logging at their steps, and a clean stop on SIGINT / SIGTERM between two steps."""
 
 from __future__ import annotations
 
+import shlex
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterable
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from coembed.progress import progress_bar
-from coembed.training.log import Logger, validate_run
-from coembed.training.run import TrainRun
+from coembed.training.log import Logger, evaluate_and_log
+from coembed.training.run import CHECKPOINTS, TrainRun
 from coembed.training.state import save_checkpoint
 from coembed.training.step import train_step
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequests:
+    """Within the block, SIGINT and SIGTERM ask the loop to stop after the current step instead of
+    acting at once, so the step is finished and saved. A second signal of either kind acts at once,
+    as it would have without the block (a signal the process ignores stays ignored)."""
+
+    def __init__(self) -> None:
+        self.signum = 0  # the first signal received, 0 for none
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():  # handlers live there only
+            for signum in STOP_SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum:  # asked again: stop now
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def restore(self) -> None:
+        """Put the handlers back as they were before the block."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+def agreed_stop(run: TrainRun, requests: StopRequests) -> int:
+    """The signal every process stops for after this step (0: go on): one process receiving
+    it stops them all, at the same step."""
+    if run.dist.world == 1:
+        return requests.signum
+    flag = torch.tensor([requests.signum], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
 
 def run_loop(run: TrainRun, logger: Logger) -> dict:
     """Train to ``total_steps``; checkpoint every ``checkpoint_every`` steps and at the end,
-    validate at the end of every epoch. Returns the last validation metrics."""
-    from coembed.data.loader import prefetched
+    evaluate at the end of every epoch. Returns the last evaluation metrics.
 
-    cfg = run.cfg
-    batches = run.batches_per_epoch
+    A SIGINT or SIGTERM stops the run after the current step: its checkpoint is written, the
+    command that resumes it is printed, and the signal then acts as it would have (Ctrl-C
+    raises KeyboardInterrupt).
+    """
     bar = progress_bar(
         total=run.total_steps,
         initial=run.step,
@@ -35,9 +87,29 @@ def run_loop(run: TrainRun, logger: Logger) -> dict:
         on_pipes=True,
     )
     run.raw_model.train()
+    with StopRequests() as requests:
+        last_metrics, signum = run_epochs(run, logger, bar, requests)
+        bar.close()
+        if signum:
+            save_stopped(run, signum)
+    if signum:
+        signal.raise_signal(signum)
+        raise KeyboardInterrupt  # the handler before ours acted on the signal without raising
+    return last_metrics
+
+
+def run_epochs(
+    run: TrainRun, logger: Logger, bar: tqdm, requests: StopRequests
+) -> tuple[dict, int]:
+    """Epochs from the run's step to its last one, or until a stop is agreed on; returns the
+    last evaluation metrics and the signal that stopped the run (0 when it finished)."""
+    from coembed.data.loader import prefetched
+
+    cfg = run.cfg
     last_metrics: dict = {}
-    while run.step < run.total_steps:
-        epoch, start_batch = divmod(run.step, batches)
+    signum = 0
+    while run.step < run.total_steps and not signum:
+        epoch, start_batch = divmod(run.step, run.batches_per_epoch)
         stream = run.data.epoch_batches(
             epoch,
             cfg.train.seed,
@@ -47,13 +119,33 @@ def run_loop(run: TrainRun, logger: Logger) -> dict:
             world_size=run.dist.world,
             augment=cfg.data.augment,
             fill_failed=True,
+            crop_scale_min=cfg.data.crop_scale_min,
         )
         with prefetched(stream, cfg.data.prefetch) as ready:
-            last_metrics = run_epoch(run, logger, ready, bar, epoch, last_metrics)
+            last_metrics, signum = run_epoch(run, logger, ready, bar, epoch, requests, last_metrics)
         if run.dist.world > 1:
             dist.barrier()
-    bar.close()
-    return last_metrics
+    return last_metrics, signum
+
+
+def save_stopped(run: TrainRun, signum: int) -> None:
+    """Checkpoint the step a signal stopped the run after (unless it just was), and print the
+    command that continues the run."""
+    if run.dist.is_main:
+        checkpoint = run.output / CHECKPOINTS / f"step-{run.step:07d}"
+        if not checkpoint.is_dir():
+            save_checkpoint(run)
+        resume = f"coembed train --output {shlex.quote(str(run.output))} --resume"
+        if run.dist.world > 1:
+            resume = f"torchrun --nproc_per_node={run.dist.world} -m {resume}"
+        print(
+            f"{signal.Signals(signum).name}: stopped after step {run.step} of {run.total_steps}, "
+            f"saved in {checkpoint}; continue with: {resume}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if run.dist.world > 1:
+        dist.barrier()
 
 
 def run_epoch(
@@ -62,10 +154,12 @@ def run_epoch(
     ready: Iterable[tuple[torch.Tensor, list[str]]],
     bar: tqdm,
     epoch: int,
+    requests: StopRequests,
     last_metrics: dict,
-) -> dict:
+) -> tuple[dict, int]:
     """The steps of one epoch from ``ready`` batches (from a resumed position on), up to the
-    epoch's end or the run's last step; returns the latest validation metrics."""
+    epoch's end, the run's last step or an agreed stop; returns the latest evaluation metrics
+    and the signal that stops the run (0: none)."""
     cfg = run.cfg
     window_start, window_samples = time.perf_counter(), 0
     for images, captions in ready:
@@ -91,14 +185,11 @@ def run_epoch(
         finished = run.step >= run.total_steps
         if run.dist.is_main and (run.step % cfg.train.checkpoint_every == 0 or finished):
             save_checkpoint(run)
-        if run.val is not None and run.dist.is_main and (end_of_epoch or finished):
-            last_metrics = validate_run(run)
-            logger.log(run.step, epoch=epoch, **{f"val/{k}": v for k, v in last_metrics.items()})
-            bar.write(
-                f"step {run.step} val: i2t R@1 {last_metrics['image_to_text_R@1']:.3f}  "
-                f"t2i R@1 {last_metrics['text_to_image_R@1']:.3f}"
-            )
+        evaluates = run.val is not None or run.zeroshot is not None
+        if evaluates and run.dist.is_main and (end_of_epoch or finished):
+            last_metrics = evaluate_and_log(run, logger, epoch, bar.write)
             window_start, window_samples = time.perf_counter(), 0  # not charged to training
-        if finished or end_of_epoch:
-            break
-    return last_metrics
+        signum = 0 if finished else agreed_stop(run, requests)
+        if finished or end_of_epoch or signum:
+            return last_metrics, signum
+    return last_metrics, 0

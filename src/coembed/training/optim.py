@@ -7,28 +7,40 @@ import math
 import torch
 from torch import nn
 
-from coembed.config import Config
+from coembed.config import CHOICES, Config
 from coembed.errors import UsageError
 
+# Weight decay applies to the weights of these layers only: the matrices and kernels that map
+# one activation to the next. Everything else is left alone: biases, norm gains, ConvNeXt's
+# layer-scale gains (shape (C, 1, 1): they multiply a branch the way a norm gain does, and
+# shrinking them shrinks the whole residual branch), learned positional embeddings and the
+# logit temperature and bias.
+# Token and positional embeddings (open_clip decays both): the token table is decayed, as in
+# CLIP and open_clip, because it is the weight of a linear map on one-hot tokens. The positional
+# embeddings (the text tower's and the attention pool's) are not, as timm leaves ViT's pos_embed:
+# they are an offset added to every input at a position, a bias rather than a map, and decay
+# pulls them towards zero, towards a tower that cannot tell positions apart.
+DECAYED_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 
-def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Gains, biases, norms, embeddings' positions and the temperature are not weight-decayed."""
-    return (
-        param.ndim < 2 or "bn" in name or "ln" in name or "logit_" in name or "positional" in name
-    )
+
+def decayed_names(model: nn.Module) -> set[str]:
+    """Names of the parameters weight decay applies to (the weights of ``DECAYED_LAYERS``)."""
+    return {
+        f"{prefix}.weight" if prefix else "weight"
+        for prefix, module in model.named_modules()
+        if isinstance(module, DECAYED_LAYERS) and isinstance(module.weight, nn.Parameter)
+    }
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, weight decay only where ``no_decay`` allows it."""
+    """AdamW over the trainable parameters, weight decay only on ``decayed_names``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise UsageError("nothing to train: both towers are locked")
+    decayed = decayed_names(model)
     groups = [
-        {
-            "params": [p for n, p in named if not no_decay(n, p)],
-            "weight_decay": cfg.train.weight_decay,
-        },
-        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n in decayed], "weight_decay": cfg.train.weight_decay},
+        {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0},
     ]
     t = cfg.train
     settings = {"lr": t.lr, "betas": (t.beta1, t.beta2), "eps": t.eps}
@@ -54,12 +66,22 @@ def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
 
 
 def learning_rate(step: int, total: int, cfg: Config) -> float:
-    """Linear warmup to the peak, then cosine decay to zero at ``total``."""
-    warmup = min(cfg.train.warmup_steps, max(total - 1, 0))
+    """Linear warmup to the peak, then ``train.schedule``: cosine decay to zero at ``total``,
+    constant, or constant then a linear cooldown to zero over the last ``cooldown_steps``."""
+    t = cfg.train
+    warmup = min(t.warmup_steps, max(total - 1, 0))
     if step < warmup:
-        return cfg.train.lr * (step + 1) / warmup
+        return t.lr * (step + 1) / warmup
+    if t.schedule == "constant":
+        return t.lr
+    if t.schedule == "const-cooldown":
+        start = max(total - t.cooldown_steps, warmup)
+        return t.lr if step < start else t.lr * (1 - (step - start) / max(total - start, 1))
+    if t.schedule != "cosine":
+        allowed = ", ".join(CHOICES["train.schedule"])
+        raise UsageError(f"train.schedule: {t.schedule!r} is not one of {allowed}")
     progress = (step - warmup) / max(total - warmup, 1)
-    return 0.5 * cfg.train.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 0.5 * t.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

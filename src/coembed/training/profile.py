@@ -10,6 +10,7 @@ throttled laptops and partitioned GPUs alike.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 
@@ -63,6 +64,8 @@ def endless_batches(run: TrainRun) -> Iterator[tuple[torch.Tensor, list[str]]]:
             run.per_rank_batch,
             rank=run.dist.rank,
             world_size=run.dist.world,
+            augment=run.cfg.data.augment,
+            crop_scale_min=run.cfg.data.crop_scale_min,
         )
         epoch += 1
 
@@ -86,7 +89,7 @@ def profile_run(run: TrainRun, steps: int = 10) -> dict:
     seconds = (time.perf_counter() - start) / max(done, 1)
     dtype = autocast_dtype(run.cfg.train.precision, run.device) or torch.float32
     peak = measured_matmul_flops(run.device, dtype)
-    with torch.profiler.profile() as prof:
+    with torch.profiler.profile(activities=profiler_activities(run.device)) as prof:
         train_step(run, *next(batches))
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     result = {
@@ -103,6 +106,18 @@ def profile_run(run: TrainRun, steps: int = 10) -> dict:
     atomic_write_text(run.output / "profile.json", json.dumps(result, indent=2))
     atomic_write_text(run.output / "profile.txt", table)
     return result
+
+
+def profiler_activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
+    """What torch.profiler records on ``device``: the CPU, and CUDA kernels on a GPU."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        return [*activities, torch.profiler.ProfilerActivity.CUDA]
+    # The profiler's tracing library logs its start and stop on stderr, and on a machine
+    # without a GPU an "ERROR" that it found none. Level 6 keeps it quiet; it reads the
+    # setting when the profiler starts (a level the user set wins).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    return activities
 
 
 def format_profile(result: dict) -> str:

@@ -5,7 +5,10 @@ Every other module of the package works on a ``TrainRun``; this one imports none
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,10 +18,12 @@ import torch.distributed as dist
 from torch import nn
 
 from coembed import process
-from coembed.checkpoint import CONFIG_FILE
+from coembed.checkpoint import CONFIG_FILE, MODEL_FILES
 from coembed.config import Config
 from coembed.device import resolve_device
 from coembed.errors import CoembedError, UsageError
+from coembed.files import is_atomic_temporary, refuse_overlap
+from coembed.locks import writer_lock
 from coembed.model import CoEmbed
 
 if TYPE_CHECKING:
@@ -28,6 +33,11 @@ if TYPE_CHECKING:
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
+# What training writes at the top of a run folder (besides atomic_write's temporaries).
+RUN_ENTRIES = frozenset(
+    {RUN_CONFIG, CHECKPOINTS, "cache", "tensorboard", "metrics.jsonl", "summary.json"}
+    | {"profile.json", "profile.txt", *MODEL_FILES}
+)
 
 
 class TrainingDiverged(CoembedError):
@@ -41,10 +51,12 @@ class RunOptions:
     output: Path
     train_data: str | None = None
     val_data: str | None = None
-    split: str | None = None
+    split: str | None = None  # the training data's split (Karpathy / COCO JSON)
     init: str | None = None
     resume: bool = False
     device: str | None = None
+    val_split: str | None = None  # the validation data's split
+    zeroshot_data: str | None = None  # a folder of class sub-folders, classified at validation
 
 
 @dataclass
@@ -78,6 +90,7 @@ class TrainRun:
     batches_per_epoch: int
     loss_fn: nn.Module
     val: object = None  # inputs.Validation when the run validates
+    zeroshot: object = None  # inputs.ZeroShotSet when the run classifies a class folder
     step: int = 0
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     read_report: ReadReport | None = None
@@ -139,6 +152,36 @@ def prepare_output(output: Path, resume: bool, dist_: Dist) -> None:
         dist.barrier()  # every rank has looked before rank 0 writes anything
     if dist_.is_main:
         output.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def owned_output(options: RunOptions) -> Iterator[None]:
+    """Hold the run folder while the run builds and trains: refuse one overlapping an input,
+    lock it (rank 0, the process that writes), and remove it again when the run fails in a
+    folder it created before anything resumable was saved."""
+    output = options.output
+    inputs = {"--train-data": options.train_data, "--val-data": options.val_data}
+    refuse_overlap(output, {**inputs, "--init": options.init})
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other ranks write nothing
+        yield
+        return
+    created = not output.exists()
+    with writer_lock(output):
+        try:
+            yield
+        except BaseException:
+            if created:
+                remove_failed_output(output)
+            raise
+
+
+def remove_failed_output(output: Path) -> None:
+    """Delete the run folder of a failed run unless it holds a checkpoint (something to resume)
+    or anything training does not write."""
+    if not output.is_dir() or any((output / CHECKPOINTS).glob("step-*")):
+        return
+    if all(p.name in RUN_ENTRIES or is_atomic_temporary(p.name) for p in output.iterdir()):
+        shutil.rmtree(output, ignore_errors=True)
 
 
 def finish_distributed(dist_: Dist) -> None:

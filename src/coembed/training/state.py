@@ -16,10 +16,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from coembed.checkpoint import WEIGHTS_FILE, load_state_strict, save_model_dir, save_weights
+from coembed.checkpoint import (
+    WEIGHTS_FILE,
+    load_state_strict,
+    refuse_non_finite,
+    save_model_dir,
+    save_weights,
+)
 from coembed.config import Config, config_from_dict, dump_json, load_config, to_dict
-from coembed.errors import CoembedError, DataError, UsageError
+from coembed.errors import CoembedError, ConfigError, DataError, ModelDirError, UsageError
 from coembed.files import atomic_write_text, is_atomic_temporary
+from coembed.schema import Range, check_shape, read_json
 from coembed.training.optim import optimizer_tensors, restore_optimizer
 from coembed.training.run import (
     CHECKPOINTS,
@@ -88,21 +95,25 @@ def save_checkpoint(run: TrainRun) -> Path:
     tmp = root / f".tmp-step-{run.step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    opt_tensors, opt_meta = optimizer_tensors(run.optimizer)
-    save_weights(tmp / WEIGHTS_FILE, model.state_dict(), {"step": str(run.step)})
-    save_weights(tmp / "optimizer.safetensors", opt_tensors, {})
-    save_weights(tmp / "rng.safetensors", rng_tensors(), {})
-    epoch, batch = divmod(run.step, run.batches_per_epoch)
-    state = {
-        "step": run.step,
-        # The data position is a function of the step; stored for people and for checking.
-        "epoch": epoch,
-        "batch": batch,
-        "batches_per_epoch": run.batches_per_epoch,
-        "optimizer": opt_meta,
-        "skipped": run.data.skipped,
-    }
-    atomic_write_text(tmp / "state.json", json.dumps(state))
+    try:
+        opt_tensors, opt_meta = optimizer_tensors(run.optimizer)
+        save_weights(tmp / WEIGHTS_FILE, model.state_dict(), {"step": str(run.step)})
+        save_weights(tmp / "optimizer.safetensors", opt_tensors, {})
+        save_weights(tmp / "rng.safetensors", rng_tensors(), {})
+        epoch, batch = divmod(run.step, run.batches_per_epoch)
+        state = {
+            "step": run.step,
+            # The data position is a function of the step; stored for people and for checking.
+            "epoch": epoch,
+            "batch": batch,
+            "batches_per_epoch": run.batches_per_epoch,
+            "optimizer": opt_meta,
+            "skipped": run.data.skipped,
+        }
+        atomic_write_text(tmp / "state.json", json.dumps(state))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give back what it took
+        raise
     if final.exists():
         delete_checkpoint(final)
     os.replace(tmp, final)
@@ -128,26 +139,58 @@ def last_good(output: Path) -> str:
     )
 
 
-def load_checkpoint(run: TrainRun, path: Path) -> None:
-    """Restore weights, optimizer, RNG and step from the checkpoint folder ``path``."""
+# What a checkpoint's state.json holds (``save_checkpoint``); more keys are allowed.
+STATE_SHAPE = {
+    "step": Range(int, 0),
+    "epoch?": Range(int, 0),
+    "batch?": Range(int, 0),
+    "batches_per_epoch?": Range(int, 1),
+    "optimizer": {"param_groups": [{"params": [Range(int, 0)]}], "scalars": dict},
+    "skipped?": dict,
+}
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict]:
+    """(state.json, weights, optimizer tensors, RNG tensors) of the checkpoint folder ``path``,
+    checked for shape; ModelDirError for anything missing, truncated or of the wrong kind."""
+    advice = f"delete {path} to resume from an older checkpoint"
+    state = read_json(path / "state.json", ModelDirError, advice)
+    check_shape(state, STATE_SHAPE, str(path / "state.json"), ModelDirError, advice)
+    if path.name != f"step-{state['step']:07d}":
+        raise ModelDirError(
+            f"{path / 'state.json'}: step {state['step']} is not the step of its folder; {advice}"
+        )
     try:
-        state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / WEIGHTS_FILE))
         opt = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
     except (OSError, ValueError, RuntimeError) as exc:
-        raise CoembedError(
-            f"{path}: unreadable checkpoint ({exc}); delete it to resume from an older one"
-        ) from None
+        raise ModelDirError(f"{path}: unreadable checkpoint ({exc}); {advice}") from None
+    cpu = rng.get("torch_cpu")
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.ndim != 1:
+        raise ModelDirError(f"{path / 'rng.safetensors'}: no CPU generator state; {advice}")
+    return state, weights, opt, rng
+
+
+def load_checkpoint(run: TrainRun, path: Path) -> None:
+    """Restore weights, optimizer, RNG and step from the checkpoint folder ``path``."""
+    state, weights, opt, rng = read_checkpoint(path)
     if state.get("batches_per_epoch", run.batches_per_epoch) != run.batches_per_epoch:
         raise DataError(
             f"{path}: the run had {state['batches_per_epoch']} batches per epoch, the data now "
             f"gives {run.batches_per_epoch}; resume on the same data (images may have changed)"
         )
     load_state_strict(run.raw_model, weights, str(path / WEIGHTS_FILE))
-    restore_optimizer(run.optimizer, opt, state["optimizer"])
-    restore_rng(rng)
-    run.step = int(state["step"])
+    refuse_non_finite(opt, str(path / "optimizer.safetensors"))
+    try:
+        restore_optimizer(run.optimizer, opt, state["optimizer"])
+        restore_rng(rng)
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+        raise ModelDirError(
+            f"{path}: the optimizer or generator state does not fit this run ({exc}); "
+            f"delete {path} to resume from an older checkpoint"
+        ) from None
+    run.step = state["step"]
 
 
 # --- run_config.json -----------------------------------------------------------------------------
@@ -160,6 +203,10 @@ def dataset_path(path: str | os.PathLike | None) -> str | None:
     return os.path.abspath(path) if os.path.exists(path) else str(path)
 
 
+# The data arguments run_config.json stores, which a resumed run takes from it.
+SAVED_DATA = ("train_data", "val_data", "split", "init", "val_split", "zeroshot_data")
+
+
 def write_run_config(options: RunOptions, cfg: Config, requested: Config) -> None:
     """Store the resolved config, the config as asked for, the data arguments and ``init``."""
     run_config = {
@@ -169,17 +216,40 @@ def write_run_config(options: RunOptions, cfg: Config, requested: Config) -> Non
         "val_data": dataset_path(options.val_data),
         "split": options.split,
         "init": options.init and os.path.abspath(options.init),
+        "val_split": options.val_split,
+        "zeroshot_data": dataset_path(options.zeroshot_data),
     }
     atomic_write_text(options.output / RUN_CONFIG, json.dumps(run_config, indent=2))
 
 
+# What run_config.json holds (``write_run_config``; older runs stored "recipe" and "flags"
+# instead of "requested_config"); more keys are allowed.
+RUN_CONFIG_SHAPE = {
+    "config": dict,
+    "requested_config?": dict,
+    "recipe?": (str, None),
+    "flags?": ([str], None),
+    "train_data?": (str, None),
+    "val_data?": (str, None),
+    "split?": (str, None),
+    "init?": (str, None),
+    "val_split?": (str, None),
+    "zeroshot_data?": (str, None),
+}
+
+
 def read_run_config(output: Path) -> dict | None:
-    """The saved run_config.json, or None when a run never got that far (nothing to resume)."""
+    """The saved run_config.json, checked; None when a run never got that far (nothing to
+    resume). A damaged one is a ModelDirError: --resume cannot know how the run started."""
     path = output / RUN_CONFIG
     if not path.exists():
         return None
-    saved = json.loads(path.read_text())
-    for key in ("train_data", "val_data", "split", "init"):
+    advice = "the run cannot be resumed without it: restore it, or start a new run elsewhere"
+    saved = read_json(path, ModelDirError, advice)
+    check_shape(saved, RUN_CONFIG_SHAPE, str(path), ModelDirError, advice)
+    if "val_split" not in saved:  # older runs read their validation data with ``split`` too
+        saved["val_split"] = saved.get("split")
+    for key in SAVED_DATA:
         saved.setdefault(key, None)
     return saved
 
@@ -211,7 +281,9 @@ def flat_items(values: dict, prefix: str = "") -> dict[str, object]:
 
 def check_same_config(given: Config, saved: dict) -> None:
     """Refuse a config given on resume that differs from the saved run's (the device may move)."""
-    now, then = flat_items(to_dict(given)), flat_items(saved_request(saved))
+    # Keys added to the config since the run started hold their defaults in it.
+    now = flat_items(to_dict(given))
+    then = {**flat_items(to_dict(Config())), **flat_items(saved_request(saved))}
     differ = sorted(
         k for k in now.keys() | then.keys() if k != "train.device" and now.get(k) != then.get(k)
     )
@@ -230,6 +302,8 @@ def check_same_data(options: RunOptions, saved: dict) -> None:
         "train_data": dataset_path(options.train_data),
         "val_data": dataset_path(options.val_data),
         "split": options.split,
+        "val_split": options.val_split,
+        "zeroshot_data": dataset_path(options.zeroshot_data),
     }
     for name, value in given.items():
         if value is not None and value != saved[name]:
@@ -246,7 +320,10 @@ def resumed_config(saved: dict, given: Config | None, options: RunOptions) -> Co
     if given is not None:
         check_same_config(given, saved)
     check_same_data(options, saved)
-    cfg = config_from_dict(saved["config"])
+    try:
+        cfg = config_from_dict(saved["config"])
+    except ConfigError as exc:
+        raise ModelDirError(f"{options.output / RUN_CONFIG}: config: {exc}") from None
     device = options.device or (given.train.device if given is not None else None)
     if device not in (None, "auto"):
         cfg.train.device = device  # a run may move to another device

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from coembed.device import autocast_dtype
+from coembed.towers.layers import buffers_restored
 from coembed.training.optim import learning_rate
 from coembed.training.run import TrainingDiverged, TrainRun
 from coembed.training.state import last_good
@@ -31,16 +31,18 @@ def forward_loss(run: TrainRun, images: torch.Tensor, tokens: torch.Tensor) -> t
     return run.loss_fn(**out)
 
 
-@contextlib.contextmanager
-def no_state_change(model: nn.Module) -> Iterator[None]:
-    """Forwards inside leave no trace: buffers (BatchNorm running statistics) are restored."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The random state dropout draws from: the CPU generator's, and the device's on CUDA."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    """Put back a state taken by ``rng_state``."""
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def accumulated_backward(run: TrainRun, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -56,11 +58,18 @@ def accumulated_backward(run: TrainRun, images: torch.Tensor, tokens: torch.Tens
     carry gradient in one micro-batch only. The caching pass restores BatchNorm's running
     statistics, so they are updated once per micro-batch, not twice. BatchNorm in train mode
     still normalizes each micro-batch with its own statistics, as each rank does under DDP.
+    The random state is saved before each micro-batch's caching pass and put back before its
+    recompute, so dropout draws the same masks in both: the cached features (the negatives) and
+    the differentiated ones are the same function of the weights (and the generator ends where the
+    caching pass left it).
     """
     n = run.cfg.train.accum_steps
     image_chunks, token_chunks = images.chunk(n), tokens.chunk(n)
-    with torch.no_grad(), autocast(run), no_state_change(run.raw_model):
-        cached = [run.model(i, t) for i, t in zip(image_chunks, token_chunks)]
+    states, cached = [], []
+    with torch.no_grad(), autocast(run), buffers_restored(run.raw_model):
+        for i, t in zip(image_chunks, token_chunks):
+            states.append(rng_state(run.device))
+            cached.append(run.model(i, t))
     cached_images = [c["image_features"].float() for c in cached]
     cached_texts = [c["text_features"].float() for c in cached]
     ddp = isinstance(run.model, nn.parallel.DistributedDataParallel)
@@ -68,6 +77,7 @@ def accumulated_backward(run: TrainRun, images: torch.Tensor, tokens: torch.Tens
         last = j == n - 1
         # DDP all-reduces the accumulated gradients once, in the last micro-batch's backward.
         with contextlib.nullcontext() if last or not ddp else run.model.no_sync():
+            set_rng_state(states[j], run.device)
             with autocast(run):
                 out = run.model(image_chunks[j], token_chunks[j])
             features_i = (

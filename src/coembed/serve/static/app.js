@@ -22,10 +22,12 @@
     return Number.isFinite(n) && n >= 1 ? Math.min(n, 1000) : 24;
   }
 
+  // A failed search shows only its error: results left under it would look like its answer.
   function showError(message) {
     errorBox.textContent = message;
     errorBox.hidden = false;
     status.textContent = "";
+    results.replaceChildren();
   }
 
   function clearError() {
@@ -87,7 +89,8 @@
       const node = template.content.firstElementChild.cloneNode(true);
       const link = node.querySelector(".thumb");
       const img = node.querySelector("img");
-      const caption = row.captions && row.captions.length ? row.captions[0] : "";
+      const captions = row.captions || [];
+      const caption = captions.length ? captions[0] : "";
       if (row.thumbnail) {
         link.href = row.url;
         img.src = row.thumbnail;
@@ -103,6 +106,14 @@
       const name = node.querySelector(".name");
       name.textContent = row.name;
       name.title = row.item;
+      const captionLine = node.querySelector(".caption");
+      if (caption) {
+        // The first caption shows (a few lines at most); the tooltip holds every one in full.
+        captionLine.textContent = caption;
+        captionLine.title = captions.join("\n");
+      } else {
+        captionLine.remove();
+      }
       const more = node.querySelector(".more");
       more.dataset.id = String(row.id);
       more.setAttribute("aria-label", `More like this: ${row.name}`);
@@ -203,6 +214,18 @@
       q.select();
     }
   });
+
+  // A link to a <details> section (the query syntax) opens it: a jump alone leaves it closed.
+  function openDetails(hash) {
+    const target = hash.length > 1 ? document.getElementById(decodeURIComponent(hash.slice(1))) : null;
+    if (target instanceof HTMLDetailsElement) target.open = true;
+  }
+  document.addEventListener("click", (event) => {
+    const link = event.target.closest('a[href^="#"]');
+    if (link) openDetails(link.hash); // before the jump, so it lands on the opened section
+  });
+  window.addEventListener("hashchange", () => openDetails(window.location.hash));
+  openDetails(window.location.hash);
 
   function fromLocation() {
     const text = new URLSearchParams(window.location.search).get("q");
