@@ -246,7 +246,7 @@ def tiny_train_run(captions: list[str], settings: list[str], batchnorm_eval: boo
         data=None,
         total_steps=1,
         batches_per_epoch=1,
-        loss_fn=make_loss(cfg.train.loss),
+        loss_fn=make_loss(cfg.train.loss, cfg.train.label_smoothing),
     )
 
 

@@ -1,4 +1,5 @@
-"""Transforms: eval parity with open_clip; the batched random resized crop."""
+"""Transforms: eval parity with open_clip; the batched random resized crop; the style-invariant
+augmentation (colour jitter, greyscale, blur)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from coembed.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     Preprocess,
+    StyleAugment,
     eval_from_uint8,
     eval_transform,
     random_resized_boxes,
@@ -126,3 +128,90 @@ def test_boxes_inside_image_with_area_and_ratio_in_range():
     assert area.min() >= 0.3 - 1e-4 and area.max() <= 0.9 + 1e-4
     assert ratio.min() >= 0.5 - 1e-4 and ratio.max() <= 2.0 + 1e-4
     assert area.std() > 0.1  # actually random
+
+
+# --- style-invariant augmentation -----------------------------------------------------------------
+
+
+def photo_batch(B: int = 6, side: int = 40) -> torch.Tensor:
+    """(B, side, side, 3) uint8 pictures with colour and edges: gradients plus a bright square."""
+    ramp = torch.linspace(0, 200, side)
+    x = torch.stack(
+        [
+            ramp.view(1, -1).expand(side, side),
+            ramp.view(-1, 1).expand(side, side),
+            255 - ramp.view(1, -1).expand(side, side),
+        ],
+        dim=-1,
+    )  # (side, side, 3)
+    batch = x.unsqueeze(0).repeat(B, 1, 1, 1)
+    for k in range(B):
+        batch[k, 5 + k : 15 + k, 10:20] = torch.tensor([250.0, 30.0, 60.0])
+    return batch.round().to(torch.uint8)
+
+
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """Normalized (B, 3, S, S) back to 0..255."""
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x * std + mean) * 255
+
+
+def augmented(style: StyleAugment | None, seed: int = 0) -> torch.Tensor:
+    return train_augment(photo_batch(), 32, torch.Generator().manual_seed(seed), style=style)
+
+
+def test_style_off_leaves_the_batch_bitwise_unchanged():
+    plain = augmented(None)
+    assert torch.equal(augmented(StyleAugment()), plain)
+
+
+@pytest.mark.parametrize(
+    "style",
+    [StyleAugment(color_jitter=0.5), StyleAugment(grayscale_p=1.0), StyleAugment(blur_p=1.0)],
+    ids=["jitter", "grayscale", "blur"],
+)
+def test_each_style_change_alters_every_image_the_same_way_each_time(style):
+    plain, changed = augmented(None), augmented(style)
+    assert changed.shape == plain.shape and changed.is_contiguous(memory_format=torch.channels_last)
+    for k in range(len(plain)):
+        assert (changed[k] - plain[k]).abs().max() > 0.05, k
+    assert torch.equal(augmented(style), changed)  # a function of the generator's state
+    assert not torch.equal(augmented(style, seed=1), changed)
+    values = pixels(changed)
+    assert values.min() > -0.01 and values.max() < 255.01  # still pixels
+
+
+def test_grayscale_makes_the_channels_equal_and_keeps_the_luma():
+    plain, gray = pixels(augmented(None)), pixels(augmented(StyleAugment(grayscale_p=1.0)))
+    torch.testing.assert_close(gray[:, 0], gray[:, 1], atol=1e-3, rtol=0)
+    torch.testing.assert_close(gray[:, 1], gray[:, 2], atol=1e-3, rtol=0)
+    luma = 0.299 * plain[:, 0] + 0.587 * plain[:, 1] + 0.114 * plain[:, 2]
+    torch.testing.assert_close(gray[:, 0], luma, atol=1e-3, rtol=0)
+
+
+def test_grayscale_probability_picks_some_images():
+    gray = pixels(augmented(StyleAugment(grayscale_p=0.5), seed=3))
+    flat = (gray[:, 0] - gray[:, 2]).abs().amax(dim=(1, 2)) < 1e-3  # (B,) greyscale images
+    assert 0 < int(flat.sum()) < len(flat)
+
+
+def test_blur_smooths_every_image():
+    def roughness(x: torch.Tensor) -> torch.Tensor:  # (B,) mean step between neighbours
+        return (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))
+
+    plain, blurred = augmented(None), augmented(StyleAugment(blur_p=1.0))
+    assert (roughness(blurred) < roughness(plain)).all()
+    # The mean colour stays (reflected edges, a normalized kernel).
+    torch.testing.assert_close(blurred.mean(dim=(2, 3)), plain.mean(dim=(2, 3)), atol=0.05, rtol=0)
+
+
+def test_hue_turn_keeps_grey_and_brightness_keeps_black():
+    from coembed.data.transforms import _jitter_colors
+
+    grey = torch.full((2, 3, 4, 4), 100.0)
+    grey[1] = 0.0
+    factors = torch.tensor(
+        [[1.0, 1.0, 1.0, 0.2], [1.4, 1.0, 1.0, 0.0]]
+    )  # hue only; brightness only
+    out = _jitter_colors(grey, factors)
+    torch.testing.assert_close(out, grey, atol=1e-3, rtol=0)

@@ -68,6 +68,35 @@ def test_hand_written_matrix_with_two_captions_for_one_image():
     assert m["text_to_image_R@2"] == 0.75
     assert m["text_to_image_R@3"] == 1.0
     assert (m["images"], m["captions"]) == (3, 4)
+    # 1-based: image->text ranks 1, 1, 2; text->image ranks 1, 3, 2, 1 (median of 0-based
+    # 0, 0, 1, 2 is 0.5, rounded down as open_clip does).
+    assert m["image_to_text_median_rank"] == 1.0
+    assert m["image_to_text_mean_rank"] == pytest.approx(4 / 3)
+    assert m["text_to_image_median_rank"] == 1.0
+    assert m["text_to_image_mean_rank"] == pytest.approx(7 / 4)
+
+
+def test_ranks_of_a_hand_made_similarity_matrix():
+    """Each text's image is at a known place in its row: ranks 1, 2, 3, 3, 5 (1-based)."""
+    images = np.eye(5, dtype=np.float32)
+    scores = np.array(
+        [  # text t's similarity to each image; its true image is image t
+            [0.9, 0.1, 0.2, 0.0, 0.3],  # rank 1
+            [0.8, 0.5, 0.1, 0.0, 0.2],  # rank 2 (image 0 ahead)
+            [0.7, 0.6, 0.4, 0.0, 0.1],  # rank 3 (images 0, 1 ahead)
+            [0.9, 0.0, 0.0, 0.5, 0.6],  # rank 3 (images 0, 4 ahead)
+            [0.9, 0.8, 0.7, 0.6, 0.5],  # rank 5 (all four ahead)
+        ],
+        np.float32,
+    )
+    m = retrieval_metrics(images, scores, np.arange(5))
+    assert m["text_to_image_median_rank"] == 3.0
+    assert m["text_to_image_mean_rank"] == pytest.approx((1 + 2 + 3 + 3 + 5) / 5)
+    # image->text reads the columns, ties counting against: image 0's own 0.9 ties with texts
+    # 3 and 4 (rank 3), image 1's 0.5 is beaten by 0.6 and 0.8 (rank 3), images 2, 3 and 4 by
+    # one text each (rank 2).
+    assert m["image_to_text_mean_rank"] == pytest.approx((3 + 3 + 2 + 2 + 2) / 5)
+    assert m["image_to_text_median_rank"] == 2.0
 
 
 def test_image_without_captions_is_not_counted():
@@ -105,7 +134,13 @@ def test_matches_open_clip_get_clip_metrics():
     texts = unit(images + rng.normal(scale=1.0, size=images.shape))
     ours = retrieval_metrics(images, texts, np.arange(80))
     theirs = get_clip_metrics(torch.from_numpy(images), torch.from_numpy(texts), 1.0)
-    assert [ours[k] for k in KEYS] == pytest.approx([float(theirs[k]) for k in KEYS])
+    ranks = [
+        f"{d}_{r}_rank" for d in ("image_to_text", "text_to_image") for r in ("median", "mean")
+    ]
+    assert [ours[k] for k in KEYS + ranks] == pytest.approx(
+        [float(theirs[k]) for k in KEYS + ranks]
+    )
+    assert ours["text_to_image_mean_rank"] > 1  # the noise leaves something to get wrong
 
 
 def test_rejects_mismatched_shapes():

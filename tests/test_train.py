@@ -217,6 +217,12 @@ def test_validation_recall_both_ways_after_each_epoch(logged_run):
             assert 0.0 <= m[f"val/{key}"] <= 1.0, key
         assert m["val/image_to_text_R@1"] <= m["val/image_to_text_R@5"]
         assert m["val/image_to_text_R@5"] <= m["val/image_to_text_R@10"]
+        for key in ("image_to_text", "text_to_image"):
+            assert 1 <= m[f"val/{key}_median_rank"] <= m["val/captions"], key
+            assert 1 <= m[f"val/{key}_mean_rank"] <= m["val/captions"], key
+    # The per-validation line shows R@1 and the median and mean rank both ways.
+    line = r"step {} val: i2t R@1 [\d.]+ rank median \d+ mean [\d.]+  t2i R@1 [\d.]+ rank median"
+    assert re.search(line.format(3), proc.stdout) and re.search(line.format(6), proc.stdout)
     summary = json.loads((out / "summary.json").read_text())
     assert {k: summary[k] for k in RETRIEVAL_KEYS} == {
         k: val[-1][f"val/{k}"] for k in RETRIEVAL_KEYS

@@ -111,6 +111,9 @@ PROBES = [
     Probe("data.train_num_samples", 8, "build", lambda s: s["total_steps"], error_ok=True),
     Probe("data.augment", False, "train", _first_batch),
     Probe("data.crop_scale_min", 0.5, "train", _first_batch),
+    Probe("data.color_jitter", 0.5, "train", _first_batch),
+    Probe("data.grayscale_p", 1.0, "train", _first_batch),
+    Probe("data.blur_p", 1.0, "train", _first_batch),
     Probe("data.prefetch", 0, "train", lambda s: s["prefetch_thread"]),
     Probe("train.batch_size", 6, "build", lambda s: (s["per_rank_batch"], s["batches"])),
     Probe("train.steps", 5, "build", lambda s: s["total_steps"]),
@@ -143,6 +146,11 @@ PROBES = [
     Probe("train.reuse_memory", False, "build", lambda s: s["keeps_freed_memory"]),
     Probe("train.deterministic", True, "build", lambda s: s["deterministic"]),
     Probe("train.grad_checkpointing", True, "build", lambda s: s["recompute"]),
+    # Two topics among the 12 captions: every batch of 4 holds one caption twice.
+    Probe("train.soft_targets", True, "train", lambda s: s["losses"], base=("data.caption_key=topic",)),
+    Probe("train.label_smoothing", 0.1, "train", lambda s: s["losses"]),
+    Probe("train.ema_decay", 0.9, "train", _weights),
+    Probe("train.mlm_weight", 0.5, "train", lambda s: s["losses"]),
 ]  # fmt: skip
 PROBE_OF = {p.field: p for p in PROBES}
 
@@ -164,16 +172,18 @@ def config_fields() -> list[str]:
 
 @pytest.fixture(scope="module")
 def probe_data(tmp_path_factory) -> Path:
-    """12 shipped pairs; ``picture`` and ``title`` hold another row's image and caption."""
+    """12 shipped pairs; ``picture`` and ``title`` hold another row's image and caption,
+    ``topic`` one of two captions."""
     folder = tmp_path_factory.mktemp("probe-data")
     rows = shipped_rows(12)
     copy_images(rows, folder / "images")
     shifted = rows[1:] + rows[:1]
     table = [
-        (f"images/{a}", b, f"images/{c}", f"{d} again") for (a, b), (c, d) in zip(rows, shifted)
+        (f"images/{a}", b, f"images/{c}", f"{d} again", f"topic {i % 2}")
+        for i, ((a, b), (c, d)) in enumerate(zip(rows, shifted))
     ]
     return write_csv(
-        folder / "train.csv", table, header=("filepath", "caption", "picture", "title")
+        folder / "train.csv", table, header=("filepath", "caption", "picture", "title", "topic")
     )
 
 
@@ -264,13 +274,13 @@ def _look_train(overrides: list[str], data: Path, out: Path, monkeypatch) -> dic
 
     real_step, seen = loop.train_step, {}
 
-    def step(run, images, captions):
+    def step(run, images, captions, *image_ids):
         if "first_batch" not in seen:
             seen["first_batch"] = (images.sum().item(), images[0, :, :2, :2].tolist(), captions)
             seen["prefetch_thread"] = any(
                 t.name == "coembed-prefetch" for t in threading.enumerate()
             )
-        loss, norm = real_step(run, images, captions)
+        loss, norm = real_step(run, images, captions, *image_ids)
         seen.setdefault("losses", []).append(loss)
         return loss, norm
 

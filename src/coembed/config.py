@@ -94,6 +94,11 @@ class DataConfig:
     workers: int = 2
     augment: bool = True
     crop_scale_min: float = 0.8
+    # Style-invariant augmentation after the crop (coembed.data.transforms.StyleAugment): colour
+    # jitter strength, and the probabilities of greyscale and of a Gaussian blur; 0: off.
+    color_jitter: float = 0.0
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
     prefetch: int = 1  # training batches prepared ahead in a background thread (0: in place)
     # Webdataset shards: an epoch draws this many pairs, shard by shard with replacement
     # (0: an epoch is one pass over every pair).
@@ -132,6 +137,14 @@ class TrainConfig:
     reuse_memory: bool = True
     deterministic: bool = False
     grad_checkpointing: bool = False  # recompute the towers' activations in the backward pass
+    # Pairs of a batch with the same caption or the same image are positives of each other.
+    soft_targets: bool = False
+    label_smoothing: float = 0.0  # the softmax loss's targets mixed with uniform, in [0, 1)
+    # A moving average of the weights (coembed.training.ema), validated and saved; 0: none.
+    ema_decay: float = 0.0
+    # Masked language modelling on the text tower (bidirectional, head tied to the token
+    # embedding), added to the loss with this weight; 0: off.
+    mlm_weight: float = 0.0
 
 
 @dataclass
@@ -334,11 +347,17 @@ def _bounded(cfg: Config) -> list[tuple[str, float, Bounds]]:
         ("train.lock_image_unlocked_groups", tr.lock_image_unlocked_groups, NOT_NEGATIVE),
         ("train.lock_text_unlocked_layers", tr.lock_text_unlocked_layers, NOT_NEGATIVE),
         ("train.threads", tr.threads, Bounds(0, 4096)),  # 0: PyTorch's choice
+        ("train.label_smoothing", tr.label_smoothing, FRACTION),
+        ("train.ema_decay", tr.ema_decay, FRACTION),
+        ("train.mlm_weight", tr.mlm_weight, Bounds(0, 100, why="a loss weight")),
         ("data.max_cache_gb", d.max_cache_gb, NOT_NEGATIVE),
         ("data.workers", d.workers, Bounds(0, 1024)),
         ("data.prefetch", d.prefetch, Bounds(0, 1024)),
         ("data.train_num_samples", d.train_num_samples, NOT_NEGATIVE),
         ("data.crop_scale_min", d.crop_scale_min, Bounds(0, 1, lo_open=True)),
+        ("data.color_jitter", d.color_jitter, Bounds(0, 1)),
+        ("data.grayscale_p", d.grayscale_p, Bounds(0, 1)),
+        ("data.blur_p", d.blur_p, Bounds(0, 1)),
     ]
 
 
@@ -387,10 +406,16 @@ def _check_image(i: ImageConfig) -> None:
 
 
 def _check_run(tr: TrainConfig) -> None:
-    """How the batch splits into accumulation steps; a cooldown for the schedule that has one."""
+    """How the batch splits into accumulation steps; a cooldown for the schedule that has one;
+    label smoothing for the loss that has it."""
     if tr.batch_size % tr.accum_steps:
         raise ConfigError(
             f"train.batch_size ({tr.batch_size}) must be divisible by train.accum_steps ({tr.accum_steps})"
+        )
+    if tr.label_smoothing and tr.loss != "clip":
+        raise ConfigError(
+            f"train.label_smoothing smooths the softmax loss's targets; train.loss={tr.loss} has "
+            "none: use train.loss=clip or train.label_smoothing=0"
         )
     if tr.schedule == "const-cooldown" and tr.cooldown_steps <= 0:
         raise ConfigError(
@@ -399,10 +424,20 @@ def _check_run(tr: TrainConfig) -> None:
         )
 
 
+def _check_augment(d: DataConfig) -> None:
+    """Style augmentation changes the augmented training images: it needs augmentation on."""
+    if d.augment:
+        return
+    for name in ("color_jitter", "grayscale_p", "blur_p"):
+        if getattr(d, name):
+            raise ConfigError(f"data.{name} augments training images: it needs data.augment=true")
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges and choices, changing nothing; returns the same config or raises ConfigError."""
     _check_choices(cfg)
     _check_ranges(cfg)
+    _check_augment(cfg.data)
     _check_text(cfg.model.text, cfg.model.tokenizer)
     _check_image(cfg.model.image)
     _check_run(cfg.train)

@@ -1,4 +1,4 @@
-"""Evaluation: retrieval recall@K in both directions, and zero-shot classification.
+"""Evaluation: retrieval recall@K and ranks in both directions, and zero-shot classification.
 
 Retrieval (``retrieval_metrics``) handles several captions per image, as in COCO and Flickr30k:
 
@@ -101,6 +101,16 @@ def text_to_image_ranks(
     return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 
+def rank_summary(direction: str, ranks: np.ndarray) -> dict[str, float]:
+    """Median and mean 1-based rank of the true match from 0-based ``ranks``, as open_clip
+    reports them (the median of an even count rounds down to a whole rank):
+    ``{"<direction>_median_rank": float, "<direction>_mean_rank": float}``."""
+    return {
+        f"{direction}_median_rank": float(np.floor(np.median(ranks)) + 1),
+        f"{direction}_mean_rank": float(np.mean(ranks) + 1),
+    }
+
+
 def retrieval_metrics(
     image_emb: np.ndarray,
     text_emb: np.ndarray,
@@ -109,8 +119,10 @@ def retrieval_metrics(
 ) -> dict[str, float | int]:
     """Recall@K both ways for unit-row embeddings; ``text_to_image[t]`` is caption t's image.
 
-    Returns ``{"image_to_text_R@K": float, "text_to_image_R@K": float, ..., "images": int,
-    "captions": int}`` where ``images`` counts the images that have at least one caption.
+    Returns ``{"image_to_text_R@K": float, "image_to_text_median_rank": float,
+    "image_to_text_mean_rank": float, the same for "text_to_image", "images": int,
+    "captions": int}``: ranks are 1-based, and ``images`` counts the images that have at least
+    one caption.
     """
     image_emb = np.asarray(image_emb, np.float32)
     text_emb = np.asarray(text_emb, np.float32)
@@ -121,10 +133,10 @@ def retrieval_metrics(
     i2t = image_to_text_ranks(image_emb, text_emb, text_to_image)
     t2i = text_to_image_ranks(image_emb, text_emb, text_to_image)
     metrics: dict[str, float | int] = {}
-    for k in ks:
-        metrics[f"image_to_text_R@{k}"] = float(np.mean(i2t < k))
-    for k in ks:
-        metrics[f"text_to_image_R@{k}"] = float(np.mean(t2i < k))
+    for direction, ranks in (("image_to_text", i2t), ("text_to_image", t2i)):
+        for k in ks:
+            metrics[f"{direction}_R@{k}"] = float(np.mean(ranks < k))
+        metrics.update(rank_summary(direction, ranks))
     metrics["images"] = len(i2t)
     metrics["captions"] = len(t2i)
     return metrics
@@ -154,7 +166,8 @@ def evaluate_retrieval(
     split: str | None = None,
     device: str = "auto",
 ) -> dict[str, float | int]:
-    """Recall@1/5/10 both ways of a model (a directory or an Embedder) on a dataset, plus counts.
+    """Recall@1/5/10 and the median and mean rank of the true match both ways of a model (a
+    directory or an Embedder) on a dataset, plus counts.
 
     Images that fail to decode are skipped with their captions and counted in
     ``skipped_images``; captions cut to the length limit in ``long_captions_truncated``, empty

@@ -4,6 +4,11 @@ With several processes every rank all-gathers the features of all ranks *with gr
 sees the whole global batch as negatives. Each rank's loss covers its own rows against all
 columns; the mean over ranks (what DDP's gradient averaging applies) is exactly the loss of one
 process on the whole batch.
+
+Soft targets (``positive_pairs``): a batch may hold one caption twice, or one image with two of its
+captions. Such pairs are positives of each other, not negatives: a row's target spreads uniformly
+over all its positives (the sigmoid loss labels them all +1). Label smoothing mixes the softmax
+loss's targets with the uniform distribution over the global batch.
 """
 
 from __future__ import annotations
@@ -23,6 +28,35 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+def gather_ids(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate integer ``x`` from every rank along dim 0 (no gradient: ids, not features)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def positive_pairs(tokens: torch.Tensor, image_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Which pairs of the global batch are positives of this rank's pairs: (B, W*B) bool, True
+    where the captions are the same token ids or the images the same image id; None when every
+    pair is its own only positive (the plain targets are then exact).
+
+    ``tokens`` (B, T) are this rank's captions; ``image_ids`` (B,) its images' ids, or None to
+    match captions alone.
+    """
+    B = tokens.shape[0]
+    all_tokens = gather_ids(tokens)  # (W*B, T)
+    # One id per distinct caption: comparing (W*B,) ids, not (B, W*B, T) tokens.
+    caption_ids = torch.unique(all_tokens, dim=0, return_inverse=True)[1]  # (W*B,)
+    mine = slice(_rank() * B, (_rank() + 1) * B)
+    same = caption_ids[mine, None] == caption_ids[None, :]  # (B, W*B)
+    if image_ids is not None:
+        all_images = gather_ids(image_ids)  # (W*B,)
+        same |= all_images[mine, None] == all_images[None, :]
+    return same if bool((same.sum(dim=1) > 1).any()) else None
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -36,7 +70,15 @@ def _logits(
 
 
 class ClipLoss(nn.Module):
-    """Symmetric InfoNCE: mean of image->text and text->image cross-entropy over the global batch."""
+    """Symmetric InfoNCE: mean of image->text and text->image cross-entropy over the global batch.
+
+    ``label_smoothing`` mixes each row's target with the uniform distribution over the global
+    batch's columns (``torch.nn.functional.cross_entropy``'s rule).
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
 
     def forward(
         self,
@@ -44,13 +86,24 @@ class ClipLoss(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        positives: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The loss; ``positives`` (B, W*B) bool from ``positive_pairs`` spreads each row's target
+        over its positives (None: the matching pair alone)."""
         logits_per_image = _logits(image_features, text_features, logit_scale, logit_bias)
         logits_per_text = _logits(text_features, image_features, logit_scale, logit_bias)
-        B = image_features.shape[0]
-        labels = torch.arange(B, device=image_features.device) + _rank() * B
+        if positives is None:
+            B = image_features.shape[0]
+            targets = torch.arange(B, device=image_features.device) + _rank() * B
+        else:
+            # The relation is symmetric: text j is a positive of image i exactly when image j
+            # is a positive of text i, so both directions share one target distribution.
+            share = positives.to(logits_per_image.dtype)
+            targets = share / share.sum(dim=1, keepdim=True)  # (B, W*B)
+        smoothing = self.label_smoothing
         return (
-            F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+            F.cross_entropy(logits_per_image, targets, label_smoothing=smoothing)
+            + F.cross_entropy(logits_per_text, targets, label_smoothing=smoothing)
         ) / 2
 
 
@@ -63,21 +116,31 @@ class SigLipLoss(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        positives: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The loss; ``positives`` (B, W*B) bool from ``positive_pairs`` are labelled +1 (None:
+        the matching pairs alone)."""
         logits = _logits(image_features, text_features, logit_scale, logit_bias)
         B = image_features.shape[0]
-        # +1 on this rank's diagonal (the matching pairs), -1 everywhere else.
-        labels = -torch.ones_like(logits)
-        idx = torch.arange(B, device=logits.device)
-        labels[idx, idx + _rank() * B] = 1.0
+        if positives is None:
+            # +1 on this rank's diagonal (the matching pairs), -1 everywhere else.
+            labels = -torch.ones_like(logits)
+            idx = torch.arange(B, device=logits.device)
+            labels[idx, idx + _rank() * B] = 1.0
+        else:
+            labels = positives.to(logits.dtype) * 2 - 1
         return -F.logsigmoid(labels * logits).sum() / B
 
 
-def make_loss(kind: str) -> nn.Module:
+def make_loss(kind: str, label_smoothing: float = 0.0) -> nn.Module:
+    """The contrastive loss named ``kind`` (clip or siglip); label smoothing is the softmax
+    loss's alone."""
     from coembed.errors import ConfigError
 
     if kind == "clip":
-        return ClipLoss()
+        return ClipLoss(label_smoothing)
     if kind == "siglip":
+        if label_smoothing:
+            raise ConfigError("label smoothing applies to the softmax loss (clip), not siglip")
         return SigLipLoss()
     raise ConfigError(f"unknown loss {kind!r} (clip or siglip)")

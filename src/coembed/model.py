@@ -37,8 +37,12 @@ class CoEmbed(nn.Module):
         features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Returns the loss's keyword arguments: ``loss(**model(images, tokens))``."""
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, mlm_hidden: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Returns the loss's keyword arguments: ``loss(**model(images, tokens))``; with
+        ``mlm_hidden`` (B, T) bool also ``mlm_logits`` (M, vocab), the masked language model's
+        logits of the hidden tokens (inside forward, so DDP sees every use of the weights)."""
         out = {
             "image_features": self.encode_image(images),
             "text_features": self.encode_text(tokens),
@@ -46,6 +50,8 @@ class CoEmbed(nn.Module):
         }
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
+        if mlm_hidden is not None:
+            out["mlm_logits"] = self.text.masked_token_logits(tokens, mlm_hidden)
         return out
 
     @torch.no_grad()

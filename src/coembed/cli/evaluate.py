@@ -19,7 +19,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Print retrieval recall@1/5/10 both ways, one metric a line or as JSON."""
+    """Print retrieval recall@1/5/10 and median/mean rank both ways, one metric a line or as
+    JSON."""
     from coembed.evaluate import evaluate_retrieval
 
     metrics = evaluate_retrieval(
@@ -34,7 +35,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print_json(metrics)
         return 0
     for key, value in metrics.items():
-        print(f"{key:>22}  {value:.4f}" if isinstance(value, float) else f"{key:>22}  {value}")
+        print(f"{key:>26}  {value:.4f}" if isinstance(value, float) else f"{key:>26}  {value}")
     return 0
 
 
@@ -76,7 +77,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 COMMANDS = (
     Command(
         "eval",
-        "retrieval recall@1/5/10, image->text and text->image",
+        "retrieval recall@1/5/10 and median/mean rank, image->text and text->image",
         add_eval_arguments,
         run_eval,
     ),

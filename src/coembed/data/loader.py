@@ -18,6 +18,7 @@ decode each batch. Either way the random resized crop runs batched (``train_augm
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import queue
 import threading
@@ -33,7 +34,13 @@ from torch.utils.data import DataLoader, Dataset
 from coembed.data.cache import Source, cache_size_for, decode_images, decode_square
 from coembed.data.formats import Record
 from coembed.data.images import ImageReadError, ImageSource, open_image
-from coembed.data.transforms import Preprocess, eval_from_uint8, eval_transform, train_augment
+from coembed.data.transforms import (
+    Preprocess,
+    StyleAugment,
+    eval_from_uint8,
+    eval_transform,
+    train_augment,
+)
 from coembed.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -157,6 +164,7 @@ class PairData:
         self.skipped = skipped  # reason -> number of images dropped
         self.num_workers = num_workers
         self._stream_failed: dict[int, str] = {}  # image row -> reason, streaming mode
+        self._image_ids: np.ndarray | None = None  # (N,) see ``image_ids``, made when asked
 
     @property
     def streaming(self) -> bool:
@@ -208,6 +216,20 @@ class PairData:
     def __len__(self) -> int:
         return len(self.pair_caption)
 
+    def image_ids(self) -> np.ndarray:
+        """(N,) int64: for each image row, the first row with the same picture. Cached images are
+        the same when their decoded squares are byte for byte (one photo under two names); a
+        streamed image is only itself."""
+        if self._image_ids is None:
+            rows = np.arange(len(self.sources), dtype=np.int64)
+            if not self.streaming:
+                first: dict[bytes, int] = {}
+                for row in range(len(rows)):
+                    digest = hashlib.blake2b(self.images[row].tobytes(), digest_size=16).digest()
+                    rows[row] = first.setdefault(digest, row)
+            self._image_ids = rows
+        return self._image_ids
+
     @property
     def epoch_size(self) -> int:
         """Pairs in an epoch: every pair once (a resampled epoch draws another number)."""
@@ -239,12 +261,18 @@ class PairData:
         device: str | torch.device = "cpu",
         fill_failed: bool = False,
         crop_scale_min: float = 0.8,
-    ) -> Iterator[tuple[Tensor, list[str]]]:
-        """This rank's batches of one epoch from ``start_batch`` on: (images, captions).
+        with_image_ids: bool = False,
+        style: StyleAugment | None = None,
+    ) -> Iterator[tuple[Tensor, list[str]] | tuple[Tensor, list[str], Tensor]]:
+        """This rank's batches of one epoch from ``start_batch`` on: (images, captions), and with
+        ``with_image_ids`` a third item, the (B,) int64 id of each pair's image (two captions of
+        one image share it, and so do two files of one picture: ``image_ids``; soft targets need
+        it).
 
         Images are float32 (B, 3, S, S), normalized, channels_last, on ``device`` (uint8 is
         moved there before augmenting: 4x less to copy). With ``augment`` each image is a random
-        resized crop of ``crop_scale_min`` to all of the cached square's area. In streaming mode
+        resized crop of ``crop_scale_min`` to all of the cached square's area, then ``style``'s
+        colour jitter, greyscale and blur (from the same per-batch generator). In streaming mode
         an image that fails to decode is dropped from its batch (and a batch with none left is
         skipped). With ``fill_failed`` (training) every batch keeps its size instead, which DDP's
         all-gather and the step -> batch arithmetic of a resume need: see ``_fill``.
@@ -272,10 +300,16 @@ class PairData:
             u8 = u8.to(device)  # (B, C, C, 3) uint8
             if augment:
                 generator = batch_generator(seed, epoch, b, rank)
-                x = train_augment(u8, self.image_size, generator, scale=(crop_scale_min, 1.0))
+                x = train_augment(
+                    u8, self.image_size, generator, scale=(crop_scale_min, 1.0), style=style
+                )
             else:
                 x = eval_from_uint8(u8, self.image_size)
-            yield x, [self.pair_caption[p] for p in pairs]
+            captions = [self.pair_caption[p] for p in pairs]
+            if with_image_ids:
+                yield x, captions, torch.from_numpy(self.image_ids()[self.pair_image[pairs]])
+            else:
+                yield x, captions
 
     def _stream(
         self, mine: Tensor, batches: range, fill_failed: bool = False

@@ -6,7 +6,8 @@ is_train=False)``, so embeddings match open_clip's for imported weights. ``Prepr
 these settings (a model directory's preprocess.json) and ``eval_transform`` reads all of them.
 
 Train: a random resized crop of a whole uint8 batch in one ``roi_align`` call (one bilinear
-crop-and-resize kernel for all boxes), then normalization, returning channels_last float32.
+crop-and-resize kernel for all boxes), optionally colour jitter, greyscale and blur over the whole
+batch (``StyleAugment``), then normalization, returning channels_last float32.
 There is no horizontal flip on purpose: captions say "left of" and "on the right".
 """
 
@@ -225,23 +226,119 @@ def random_resized_boxes(
     return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1)  # (B, 4)
 
 
+@dataclass(frozen=True)
+class StyleAugment:
+    """Style-invariant changes to training images, after the crop: colour jitter of strength
+    ``color_jitter`` (brightness, contrast and saturation factors in [1 - s, 1 + s], hue turned by
+    up to s/4 of a full turn), greyscale with probability ``grayscale_p``, Gaussian blur with
+    probability ``blur_p`` (sigma from 0.1 to 2 pixels, SimCLR's at 224 px; scaled up with larger
+    images)."""
+
+    color_jitter: float = 0.0
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether anything changes: off, the batch and its random draws are as without it."""
+        return bool(self.color_jitter or self.grayscale_p or self.blur_p)
+
+
+# RGB -> luma, as torchvision's rgb_to_grayscale weighs the channels.
+_LUMA = (0.299, 0.587, 0.114)
+# RGB <-> YIQ: hue is the angle in the I-Q plane, so a hue shift is a rotation there.
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def _gray(x: Tensor) -> Tensor:
+    """(B, 3, S, S) -> (B, 1, S, S) luma."""
+    weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * weights).sum(dim=1, keepdim=True)
+
+
+def _turn_hue(x: Tensor, turns: Tensor) -> Tensor:
+    """Rotate each image's colours by ``turns`` (B,) of a full turn around the grey axis."""
+    to_yiq = torch.tensor(_RGB_TO_YIQ, dtype=x.dtype, device=x.device)
+    angle = 2 * math.pi * turns.to(x.dtype)
+    cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros_like(angle), torch.ones_like(angle)
+    rotate = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=1).view(
+        -1, 3, 3
+    )  # (B, 3, 3) in YIQ
+    mix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq  # (B, 3, 3) in RGB
+    return torch.einsum("bij,bjhw->bihw", mix, x)
+
+
+def _jitter_colors(x: Tensor, factors: Tensor) -> Tensor:
+    """Brightness, contrast, saturation factors and hue turns, ``factors`` (B, 4), in that
+    order on float (B, 3, S, S) pixels in 0..255, clamped after each as torchvision does."""
+    b, c, s, h = (factors[:, k].view(-1, 1, 1, 1).to(x.dtype) for k in range(4))
+    x = (x * b).clamp(0, 255)
+    mean = _gray(x).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
+    x = ((x - mean) * c + mean).clamp(0, 255)
+    gray = _gray(x)
+    x = ((x - gray) * s + gray).clamp(0, 255)
+    return _turn_hue(x, h.view(-1)).clamp(0, 255)
+
+
+def _blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Gaussian blur of image k with ``sigma[k]`` pixels (0: unchanged), separable, in one grouped
+    convolution per axis over the whole batch."""
+    B, C, S, _ = x.shape
+    radius = max(1, min(S // 2 - 1, math.ceil(3 * float(sigma.max()))))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)  # (K,)
+    spread = sigma.to(x.dtype).clamp(min=1e-6).view(B, 1)
+    kernel = torch.exp(-0.5 * (offsets / spread) ** 2)  # (B, K)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    kernel = kernel.repeat_interleave(C, dim=0)  # (B*C, K): one kernel per image channel
+    y = x.reshape(1, B * C, S, S)  # images as channels, so each gets its own kernel
+    y = torch.nn.functional.pad(y, (radius, radius, radius, radius), mode="reflect")
+    y = torch.nn.functional.conv2d(y, kernel.view(B * C, 1, 1, -1), groups=B * C)  # along W
+    y = torch.nn.functional.conv2d(y, kernel.view(B * C, 1, -1, 1), groups=B * C)  # along H
+    return y.view(B, C, S, S)
+
+
+def style_augment(x: Tensor, style: StyleAugment, generator: torch.Generator) -> Tensor:
+    """Jitter, greyscale and blur float (B, 3, S, S) pixels in 0..255 as ``style`` says, drawing
+    from the CPU ``generator`` (the same draws on any device)."""
+    B, S = x.shape[0], x.shape[-1]
+    draws = torch.rand(B, 7, generator=generator).to(x.device)  # (B, 7): one row per image
+    if style.color_jitter:
+        s = style.color_jitter
+        low = torch.tensor([max(0.0, 1 - s)] * 3 + [-s / 4], device=x.device)
+        high = torch.tensor([1 + s] * 3 + [s / 4], device=x.device)
+        x = _jitter_colors(x, low + (high - low) * draws[:, :4])
+    if style.grayscale_p:
+        gray = draws[:, 4].view(B, 1, 1, 1) < style.grayscale_p
+        x = torch.where(gray, _gray(x).expand_as(x), x)
+    if style.blur_p:
+        sigma = (0.1 + 1.9 * draws[:, 6]) * max(1.0, S / 224)  # pixels
+        x = _blur(x, torch.where(draws[:, 5] < style.blur_p, sigma, torch.zeros_like(sigma)))
+    return x
+
+
 def train_augment(
     batch_uint8_nhwc: Tensor,
     out_size: int,
     generator: torch.Generator,
     scale: tuple[float, float] = (0.8, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    style: StyleAugment | None = None,
 ) -> Tensor:
-    """Random resized crop + normalize a uint8 batch (B, H, W, 3) -> float32 (B, 3, S, S).
+    """Random resized crop (+ ``style``'s changes) + normalize a uint8 batch (B, H, W, 3) ->
+    float32 (B, 3, S, S).
 
     The result is channels_last and on the batch's device; the randomness comes from the CPU
-    ``generator`` only, so it is the same on any device.
+    ``generator`` only, so it is the same on any device. The style draws come after the crop's,
+    so the crops are the same with it or without it.
     """
     B, H, W, C = batch_uint8_nhwc.shape
     if C != 3:
         raise ValueError(f"expected (B, H, W, 3) uint8, got shape {tuple(batch_uint8_nhwc.shape)}")
     boxes = random_resized_boxes(B, H, W, generator, scale, ratio)
-    return _normalize_nchw(_crop_resize(batch_uint8_nhwc, boxes, out_size))
+    x = _crop_resize(batch_uint8_nhwc, boxes, out_size)
+    if style is not None and style.active:
+        x = style_augment(x, style, generator)
+    return _normalize_nchw(x)
 
 
 def eval_from_uint8(batch_uint8_nhwc: Tensor, out_size: int | None = None) -> Tensor:

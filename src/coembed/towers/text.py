@@ -82,6 +82,25 @@ class TextTower(nn.Module):
             x = self.ln_final(x)
         return self.proj(pool_tokens(x, self.cfg.pool, eot, valid))
 
+    def masked_token_logits(self, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Masked language modelling: (B, T) token ids and (B, T) bool ``hidden`` positions ->
+        (M, vocab_size) logits of the M hidden tokens.
+
+        One bidirectional pass whatever ``cfg.attention`` says (padding masked out); a hidden
+        position's input is its position encoding alone (CLIP's vocabulary has no mask token).
+        The output head is the token embedding itself (tied weights), after the final LayerNorm.
+        """
+        eot = self.end_positions(tokens)  # (B,)
+        T = tokens.shape[1]
+        valid = torch.arange(T, device=tokens.device)[None, :] <= eot[:, None]  # (B, T)
+        shown = self.token_embedding(tokens) * (~hidden)[..., None]  # (B, T, C)
+        x = self.dropout(self.positional(shown))
+        mask = valid[:, None, None, :]  # (B, 1, 1, T): keys past the end token are padding
+        for block in self.blocks:
+            x = block(x, mask, False)
+        x = self.ln_final(x[hidden])  # (M, C)
+        return x @ self.token_embedding.weight.T  # (M, vocab_size)
+
     def lock(self, unlocked_layers: int = 0) -> None:
         """Freeze the tower except its last ``unlocked_layers`` blocks (plus final LN and projection)."""
         for p in self.parameters():

@@ -21,6 +21,7 @@ from coembed.device import autocast_dtype
 from coembed.errors import UsageError
 from coembed.loss import make_loss
 from coembed.model import CoEmbed
+from coembed.training.ema import WeightAverage
 from coembed.training.inputs import (
     build_tokenizer_and_config,
     check_resampling,
@@ -211,8 +212,9 @@ def build_run(
         data=data,
         total_steps=total_steps_for(cfg, batches),
         batches_per_epoch=batches,
-        loss_fn=make_loss(cfg.train.loss),
+        loss_fn=make_loss(cfg.train.loss, cfg.train.label_smoothing),
         read_report=report,
+        ema=WeightAverage(raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None,
     )
     read_evaluation_sets(run, options)
     if dist_.is_main and keep and not plan.resuming:

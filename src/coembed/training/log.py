@@ -69,10 +69,12 @@ class Logger:
 
 @torch.no_grad()
 def validate_run(run: TrainRun) -> dict[str, float]:
-    """Retrieval recall@1/5/10 both ways on the validation set, with the current weights."""
+    """Retrieval recall@1/5/10 and ranks both ways on the validation set, with the current
+    weights (their moving average when the run keeps one)."""
     from coembed.evaluate import retrieval_metrics
 
-    model = run.raw_model
+    model = run.evaluated_model
+    training = model.training  # the moving average stays in eval mode
     model.eval()
     images, texts = [], []
     for start in range(0, len(run.val.pixels), 256):
@@ -85,7 +87,7 @@ def validate_run(run: TrainRun) -> dict[str, float]:
     for start in range(0, len(run.val.captions), 512):
         tokens = run.tokenizer(run.val.captions[start : start + 512]).to(run.device)
         texts.append(model.encode_text(tokens).float().cpu())
-    model.train()
+    model.train(training)
     return retrieval_metrics(
         torch.cat(images).numpy(), torch.cat(texts).numpy(), run.val.text_to_image
     )
@@ -93,12 +95,14 @@ def validate_run(run: TrainRun) -> dict[str, float]:
 
 @torch.no_grad()
 def zeroshot_run(run: TrainRun) -> dict[str, float]:
-    """Zero-shot top-1/top-5 accuracy on the class folder, with the current weights."""
+    """Zero-shot top-1/top-5 accuracy on the class folder, with the current weights (their moving
+    average when the run keeps one)."""
     from coembed.data.transforms import Preprocess
     from coembed.embedder import Embedder
     from coembed.evaluate import zeroshot_classifier, zeroshot_scores
 
-    zs, model = run.zeroshot, run.raw_model
+    zs, model = run.zeroshot, run.evaluated_model
+    training = model.training
     embedder = Embedder(model, run.tokenizer, Preprocess(model.cfg.image.image_size), run.device)
     model.eval()
     try:
@@ -107,9 +111,18 @@ def zeroshot_run(run: TrainRun) -> dict[str, float]:
         )
         classifier = zeroshot_classifier(embedder, zs.classnames, zs.templates)
     finally:
-        model.train()
+        model.train(training)
     scores = zeroshot_scores(images, zs.labels, classifier, zs.classnames)
     return {"zeroshot_top1": scores["top1"], "zeroshot_top5": scores["top5"]}
+
+
+def validation_line(metrics: dict[str, float]) -> str:
+    """R@1 and the median and mean rank both ways, as the per-validation line shows them."""
+    return "  ".join(
+        f"{short} R@1 {metrics[f'{d}_R@1']:.3f} rank median {metrics[f'{d}_median_rank']:g} "
+        f"mean {metrics[f'{d}_mean_rank']:.1f}"
+        for short, d in (("i2t", "image_to_text"), ("t2i", "text_to_image"))
+    )
 
 
 def evaluate_and_log(run: TrainRun, logger: Logger, epoch: int, say) -> dict[str, float]:
@@ -118,10 +131,7 @@ def evaluate_and_log(run: TrainRun, logger: Logger, epoch: int, say) -> dict[str
     metrics: dict[str, float] = {}
     if run.val is not None:
         metrics.update(validate_run(run))
-        say(
-            f"step {run.step} val: i2t R@1 {metrics['image_to_text_R@1']:.3f}  "
-            f"t2i R@1 {metrics['text_to_image_R@1']:.3f}"
-        )
+        say(f"step {run.step} val: {validation_line(metrics)}")
     if run.zeroshot is not None:
         metrics.update(zeroshot_run(run))
         say(

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from coembed.config import Config
+from coembed.data.transforms import StyleAugment
 from coembed.progress import progress_bar
 from coembed.training.log import Logger, evaluate_and_log
 from coembed.training.run import CHECKPOINTS, TrainRun
@@ -71,6 +73,12 @@ def agreed_stop(run: TrainRun, requests: StopRequests) -> int:
     return int(flag.item())
 
 
+def style_augment_of(cfg: Config) -> StyleAugment:
+    """The style-invariant augmentation the config asks for (all off by default)."""
+    d = cfg.data
+    return StyleAugment(d.color_jitter, d.grayscale_p, d.blur_p)
+
+
 def run_loop(run: TrainRun, logger: Logger) -> dict:
     """Train to ``total_steps``; checkpoint every ``checkpoint_every`` steps and at the end,
     evaluate at the end of every epoch. Returns the last evaluation metrics.
@@ -120,6 +128,8 @@ def run_epochs(
             augment=cfg.data.augment,
             fill_failed=True,
             crop_scale_min=cfg.data.crop_scale_min,
+            with_image_ids=cfg.train.soft_targets,
+            style=style_augment_of(cfg),
         )
         with prefetched(stream, cfg.data.prefetch) as ready:
             last_metrics, signum = run_epoch(run, logger, ready, bar, epoch, requests, last_metrics)
@@ -162,8 +172,8 @@ def run_epoch(
     and the signal that stops the run (0: none)."""
     cfg = run.cfg
     window_start, window_samples = time.perf_counter(), 0
-    for images, captions in ready:
-        loss, grad_norm = train_step(run, images, captions)
+    for images, captions, *image_ids in ready:  # image ids with soft targets
+        loss, grad_norm = train_step(run, images, captions, *image_ids)
         window_samples += len(captions) * run.dist.world
         lr = run.optimizer.param_groups[0]["lr"]
         if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:

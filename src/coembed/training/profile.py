@@ -18,6 +18,7 @@ import torch
 
 from coembed.device import autocast_dtype
 from coembed.files import atomic_write_text
+from coembed.training.loop import style_augment_of
 from coembed.training.run import TrainRun
 from coembed.training.step import forward_loss, train_step
 
@@ -54,7 +55,7 @@ def step_flops(run: TrainRun, images: torch.Tensor, captions: list[str]) -> int:
     return counter.get_total_flops()
 
 
-def endless_batches(run: TrainRun) -> Iterator[tuple[torch.Tensor, list[str]]]:
+def endless_batches(run: TrainRun) -> Iterator[tuple]:
     """This rank's batches, epoch after epoch: small data runs out of batches within a profile."""
     epoch = 0
     while True:
@@ -66,6 +67,8 @@ def endless_batches(run: TrainRun) -> Iterator[tuple[torch.Tensor, list[str]]]:
             world_size=run.dist.world,
             augment=run.cfg.data.augment,
             crop_scale_min=run.cfg.data.crop_scale_min,
+            with_image_ids=run.cfg.train.soft_targets,
+            style=style_augment_of(run.cfg),
         )
         epoch += 1
 
@@ -75,7 +78,7 @@ def profile_run(run: TrainRun, steps: int = 10) -> dict:
     torch.profiler table (profile.txt) into the run folder; return the figures."""
     per_rank = run.per_rank_batch
     batches = endless_batches(run)
-    first_images, first_captions = next(batches)
+    first_images, first_captions, *_ = next(batches)
     flops = step_flops(run, first_images, first_captions)
     for _ in range(2):
         train_step(run, *next(batches))

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from coembed.data.formats import ReadReport
     from coembed.data.loader import PairData
     from coembed.tokenizer import Tokenizer
+    from coembed.training.ema import WeightAverage
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
@@ -94,6 +95,13 @@ class TrainRun:
     step: int = 0
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     read_report: ReadReport | None = None
+    ema: WeightAverage | None = None  # train.ema_decay > 0: the weights' moving average
+
+    @property
+    def evaluated_model(self) -> CoEmbed:
+        """The weights validation scores and the model directory holds: the moving average
+        when the run keeps one, else the trained weights."""
+        return self.raw_model if self.ema is None else self.ema.model
 
     @property
     def per_rank_batch(self) -> int:

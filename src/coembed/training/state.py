@@ -38,6 +38,8 @@ from coembed.training.run import (
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
+EMA_FILE = "ema.safetensors"  # the weights' moving average, in runs with train.ema_decay
+
 
 def rng_tensors() -> dict[str, torch.Tensor]:
     """The CPU generator's state and each CUDA device's."""
@@ -80,8 +82,8 @@ def remove_leftovers(output: Path) -> None:
 
 def save_checkpoint(run: TrainRun) -> Path:
     """Write the training state into a temporary folder and rename it into place, then update the
-    model directory at the top of the run folder and drop checkpoints beyond ``keep_checkpoints``.
-    Returns the checkpoint folder."""
+    model directory at the top of the run folder (with the weights' moving average when the run
+    keeps one) and drop checkpoints beyond ``keep_checkpoints``. Returns the checkpoint folder."""
     model = run.raw_model
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
@@ -100,6 +102,8 @@ def save_checkpoint(run: TrainRun) -> Path:
         save_weights(tmp / WEIGHTS_FILE, model.state_dict(), {"step": str(run.step)})
         save_weights(tmp / "optimizer.safetensors", opt_tensors, {})
         save_weights(tmp / "rng.safetensors", rng_tensors(), {})
+        if run.ema is not None:
+            save_weights(tmp / EMA_FILE, run.ema.model.state_dict(), {"step": str(run.step)})
         epoch, batch = divmod(run.step, run.batches_per_epoch)
         state = {
             "step": run.step,
@@ -117,7 +121,7 @@ def save_checkpoint(run: TrainRun) -> Path:
     if final.exists():
         delete_checkpoint(final)
     os.replace(tmp, final)
-    save_model_dir(model, run.tokenizer, run.output)
+    save_model_dir(run.evaluated_model, run.tokenizer, run.output)
     for old in checkpoint_dirs(run.output)[: -run.cfg.train.keep_checkpoints]:
         delete_checkpoint(old)
     return final
@@ -172,8 +176,26 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, di
     return state, weights, opt, rng
 
 
+def read_ema(path: Path) -> dict[str, torch.Tensor]:
+    """The moving average of the checkpoint folder ``path``; ModelDirError when it has none (a
+    checkpoint of a run without train.ema_decay) or it cannot be read."""
+    try:
+        return load_file(str(path / EMA_FILE))
+    except FileNotFoundError:
+        raise ModelDirError(
+            f"{path}: no {EMA_FILE}, though the run keeps a moving average (train.ema_decay); "
+            f"delete {path} to resume from an older checkpoint"
+        ) from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelDirError(
+            f"{path / EMA_FILE}: unreadable ({exc}); delete {path} to resume from an older "
+            "checkpoint"
+        ) from None
+
+
 def load_checkpoint(run: TrainRun, path: Path) -> None:
-    """Restore weights, optimizer, RNG and step from the checkpoint folder ``path``."""
+    """Restore weights (and their moving average), optimizer, RNG and step from the checkpoint
+    folder ``path``."""
     state, weights, opt, rng = read_checkpoint(path)
     if state.get("batches_per_epoch", run.batches_per_epoch) != run.batches_per_epoch:
         raise DataError(
@@ -181,6 +203,8 @@ def load_checkpoint(run: TrainRun, path: Path) -> None:
             f"gives {run.batches_per_epoch}; resume on the same data (images may have changed)"
         )
     load_state_strict(run.raw_model, weights, str(path / WEIGHTS_FILE))
+    if run.ema is not None:
+        load_state_strict(run.ema.model, read_ema(path), str(path / EMA_FILE))
     refuse_non_finite(opt, str(path / "optimizer.safetensors"))
     try:
         restore_optimizer(run.optimizer, opt, state["optimizer"])

@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from coembed.device import autocast_dtype
+from coembed.loss import positive_pairs
 from coembed.towers.layers import buffers_restored
 from coembed.training.optim import learning_rate
 from coembed.training.run import TrainingDiverged, TrainRun
@@ -23,12 +26,56 @@ def autocast(run: TrainRun) -> contextlib.AbstractContextManager:
     return torch.autocast(run.device.type, dtype=amp) if amp else contextlib.nullcontext()
 
 
-def forward_loss(run: TrainRun, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The contrastive loss of one batch (model under autocast, loss in fp32)."""
+# Masked language modelling (train.mlm_weight): the share of caption tokens hidden, BERT's.
+MLM_RATE = 0.15
+MLM_STREAM = 0x4D4C4D  # keeps the hiding draws apart from the other streams of the run's seed
+
+
+def mlm_hidden(run: TrainRun, tokens: torch.Tensor) -> torch.Tensor | None:
+    """With ``train.mlm_weight``, the (B, T) bool caption positions the masked language model
+    hides: each token between the start and end tokens with probability MLM_RATE. Drawn from a
+    generator of (seed, step, rank), never torch's own, whose state dropout's replay in the
+    accumulation path depends on. None without the objective."""
+    if not run.cfg.train.mlm_weight:
+        return None
+    seed = run.cfg.train.seed
+    words = [seed & 0xFFFFFFFF, seed >> 32, run.step, run.dist.rank, MLM_STREAM]
+    state = np.random.SeedSequence(words).generate_state(1)
+    draws = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(int(state[0])))
+    positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+    eot = run.raw_model.text.end_positions(tokens)  # (B,)
+    inside = (positions[None, :] > 0) & (positions[None, :] < eot[:, None])  # (B, T)
+    return (draws.to(tokens.device) < MLM_RATE) & inside
+
+
+def mlm_term(
+    run: TrainRun, logits: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor, count: int
+) -> torch.Tensor:
+    """``train.mlm_weight`` x the cross-entropy of the hidden tokens ``logits`` (M, vocab) predict,
+    summed and divided by ``count``, the hidden tokens of the whole batch (so the micro-batches'
+    terms add up to the batch's mean)."""
+    summed = F.cross_entropy(logits.float(), tokens[hidden], reduction="sum")
+    return run.cfg.train.mlm_weight * summed / max(count, 1)
+
+
+def forward_loss(
+    run: TrainRun,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    positives: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The loss of one batch (model under autocast, loss in fp32): contrastive, with
+    ``positives`` as ``coembed.loss.positive_pairs`` returns them, plus the masked language
+    model's term when ``hidden`` (from ``mlm_hidden``) is given."""
     with autocast(run):
-        out = run.model(images, tokens)
+        out = run.model(images, tokens, hidden)
+    logits = out.pop("mlm_logits", None)
     out = {k: v.float() for k, v in out.items()}
-    return run.loss_fn(**out)
+    loss = run.loss_fn(**out, positives=positives)
+    if logits is not None:
+        loss = loss + mlm_term(run, logits, tokens, hidden, int(hidden.sum()))
+    return loss
 
 
 def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -45,7 +92,13 @@ def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch
         torch.cuda.set_rng_state(cuda, device)
 
 
-def accumulated_backward(run: TrainRun, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def accumulated_backward(
+    run: TrainRun,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    positives: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Gradient accumulation that keeps the whole batch as contrastive negatives; returns the loss.
 
     First embed every micro-batch without gradients; then, one micro-batch at a time, recompute
@@ -61,7 +114,9 @@ def accumulated_backward(run: TrainRun, images: torch.Tensor, tokens: torch.Tens
     The random state is saved before each micro-batch's caching pass and put back before its
     recompute, so dropout draws the same masks in both: the cached features (the negatives) and
     the differentiated ones are the same function of the weights (and the generator ends where the
-    caching pass left it).
+    caching pass left it). Every micro-batch's loss is the whole batch's, so ``positives`` (of the
+    whole batch) apply to each unchanged. The masked language model's term (``hidden``) is a mean
+    over tokens, local to each micro-batch: each adds its share, in its recompute only.
     """
     n = run.cfg.train.accum_steps
     image_chunks, token_chunks = images.chunk(n), tokens.chunk(n)
@@ -73,13 +128,16 @@ def accumulated_backward(run: TrainRun, images: torch.Tensor, tokens: torch.Tens
     cached_images = [c["image_features"].float() for c in cached]
     cached_texts = [c["text_features"].float() for c in cached]
     ddp = isinstance(run.model, nn.parallel.DistributedDataParallel)
+    hidden_chunks = [None] * n if hidden is None else hidden.chunk(n)
+    count = 0 if hidden is None else int(hidden.sum())
+    mlm_total = torch.zeros((), device=run.device)
     for j in range(n):
         last = j == n - 1
         # DDP all-reduces the accumulated gradients once, in the last micro-batch's backward.
         with contextlib.nullcontext() if last or not ddp else run.model.no_sync():
             set_rng_state(states[j], run.device)
             with autocast(run):
-                out = run.model(image_chunks[j], token_chunks[j])
+                out = run.model(image_chunks[j], token_chunks[j], hidden_chunks[j])
             features_i = (
                 cached_images[:j] + [out["image_features"].float()] + cached_images[j + 1 :]
             )
@@ -89,9 +147,16 @@ def accumulated_backward(run: TrainRun, images: torch.Tensor, tokens: torch.Tens
                 for k, v in out.items()
                 if k in ("logit_scale", "logit_bias")
             }
-            loss = run.loss_fn(torch.cat(features_i), torch.cat(features_t), **scalars)
+            contrastive = run.loss_fn(
+                torch.cat(features_i), torch.cat(features_t), **scalars, positives=positives
+            )
+            loss = contrastive
+            if hidden is not None:
+                mlm = mlm_term(run, out["mlm_logits"], token_chunks[j], hidden_chunks[j], count)
+                mlm_total += mlm.detach()
+                loss = contrastive + mlm
             backward(run, loss)
-    return loss.detach()
+    return contrastive.detach() if hidden is None else contrastive.detach() + mlm_total
 
 
 def backward(run: TrainRun, loss: torch.Tensor) -> None:
@@ -123,9 +188,27 @@ def gradient_norm(run: TrainRun) -> float:
     return float(norm)
 
 
-def train_step(run: TrainRun, images: torch.Tensor, captions: list[str]) -> tuple[float, float]:
+def batch_positives(
+    run: TrainRun, tokens: torch.Tensor, image_ids: torch.Tensor | None
+) -> torch.Tensor | None:
+    """With ``train.soft_targets``, the pairs of the global batch that are positives of this
+    rank's (same caption or same image); None without it or without duplicates."""
+    if not run.cfg.train.soft_targets:
+        return None
+    ids = None if image_ids is None else image_ids.to(run.device)
+    return positive_pairs(tokens, ids)
+
+
+def train_step(
+    run: TrainRun,
+    images: torch.Tensor,
+    captions: list[str],
+    image_ids: torch.Tensor | None = None,
+) -> tuple[float, float]:
     """One optimizer step on one global batch; returns (loss before the step, gradient norm).
 
+    ``image_ids`` (B,) name each pair's image, so soft targets can tell two captions of one image
+    apart from two images (without them only identical captions count as positives).
     A non-finite loss or gradient stops the run before the optimizer touches the weights, so the
     checkpoints on disk stay good (with fp16 the grad scaler skips such steps on its own).
     """
@@ -139,10 +222,12 @@ def train_step(run: TrainRun, images: torch.Tensor, captions: list[str]) -> tupl
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
+    positives = batch_positives(run, tokens, image_ids)
+    hidden = mlm_hidden(run, tokens)
     if run.cfg.train.accum_steps > 1:
-        loss = accumulated_backward(run, images, tokens)
+        loss = accumulated_backward(run, images, tokens, positives, hidden)
     else:
-        loss = forward_loss(run, images, tokens)
+        loss = forward_loss(run, images, tokens, positives, hidden)
         backward(run, loss)
     value = global_mean(run, loss.detach())
     if not math.isfinite(value):
@@ -165,4 +250,6 @@ def train_step(run: TrainRun, images: torch.Tensor, captions: list[str]) -> tupl
         run.optimizer.step()
     run.raw_model.clamp_logit_scale()
     run.step += 1
+    if run.ema is not None:
+        run.ema.update(run.raw_model, run.step)
     return value, grad_norm
