@@ -564,3 +564,20 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+
+def run_two_processes(worker, *args, timeout: float = 120) -> list:
+    """Run ``worker(rank, 2, port, *args, queue)`` in two spawned processes (a gloo group on a
+    free port); returns what each put on the queue, sorted, after both exited cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, *args, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results

@@ -7,10 +7,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from coembed.loss import ClipLoss, SigLipLoss
-from tests.helpers import free_port
+from tests.helpers import run_two_processes
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 
@@ -109,16 +108,7 @@ def worker(rank: int, world: int, port: int, kind: str, queue) -> None:
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_gathered_loss_and_gradients_match_one_process(kind):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, kind, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_two_processes(worker, kind)
     ref_loss, ref_grads = single_process_reference(kind)
     for _rank, mean_loss, local_loss, open_clip_value, grads in results:
         assert abs(mean_loss - ref_loss) < 1e-6

@@ -14,17 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from coembed.loss import ClipLoss, SigLipLoss, positive_pairs
 from tests.helpers import (
     CLIP_TOKENIZER,
     TINY,
-    free_port,
     metrics,
     ok,
     run_cli,
+    run_two_processes,
     tiny_train_run,
     train_args,
     weights,
@@ -293,15 +292,7 @@ def ddp_worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_soft_targets_across_two_processes_match_one_process():
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_two_processes(ddp_worker)
 
     torch.manual_seed(0)
     net = torch.nn.Linear(8, 6).double()
