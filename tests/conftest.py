@@ -6,12 +6,19 @@ Plain helpers (paths, the tiny shapes, the CLI in a subprocess, ...) live in tes
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, tiny_clip_model
 
 os.environ.setdefault("COEMBED_NO_PROGRESS", "1")
+
+# A shell starts a background job with Ctrl-C (SIGINT) ignored, and its children inherit that:
+# under `make test &` or a CI runner that does so, a coembed process the tests interrupt would
+# not see the signal. The tests' own processes take it as a terminal would deliver it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
