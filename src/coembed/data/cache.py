@@ -46,17 +46,15 @@ def cache_size_for(image_size: int) -> int:
 # Training sees other pixels than evaluation, which decodes fully and resizes once to the model's
 # size (open_clip's transform, kept exact for imported weights): JPEGs decode here at a reduced
 # scale (draft mode), every image is resized twice (bicubic to the cached square, then the crop
-# bilinear to the model's size), and random crops zoom in. Measured, kept as it is:
-# - the decode and the two resizes cost no recall on the icons: a model trained 5 epochs, its test
-#   theme embedded from eval's pixels and from the cached square resized whole, mean R@1/5/10
-#   0.0442 vs 0.0442 (seed 0), 0.0429 vs 0.0436 (seed 1); validation 0.0459/0.0460,
-#   0.0413/0.0411 (benchmarks/RESULTS.md, "Train/eval pixels"). The icons are PNGs, so draft
-#   mode is not in that number: on photos it changes the cached square by 1.0-1.1 of 255 on
-#   average; on line drawings by up to 14, as the reduced decode rounds the size up (180 x 120
-#   for 720 x 477) and the square shifts by under a pixel.
+# bilinear to the model's size), and random crops zoom in. Measured on the icons, kept as it is
+# (benchmarks/RESULTS.md, "Train/eval pixels", benchmarks/bench_pixels.py):
+# - the decode and the two resizes cost no recall: two 5-epoch models, their test theme embedded
+#   from eval's pixels and from the cached square resized whole, mean R@1/5/10 0.0417 vs 0.0421
+#   and 0.0425 vs 0.0461; validation 0.0458 vs 0.0441 and 0.0435 vs 0.0440. The icons are PNGs,
+#   so draft decoding is not in these numbers.
 # - the zoom of random crops (0.8-1 of the area) is the train/test discrepancy every
-#   random-resized-crop recipe has (open_clip's too): the same models scored 0.0469 and 0.0454 on
-#   the test theme when shown the centre crop of training's mean area, +0.002 over eval's view.
+#   random-resized-crop recipe has (open_clip's too): shown the centre crop of training's mean
+#   area, the same models scored 0.0454 and 0.0480 on the test theme.
 def decode_square(source: Source, size: int, max_pixels: int = 64_000_000) -> np.ndarray:
     """Decode, resize the shortest side to ``size`` and center crop: uint8 (size, size, 3)."""
     im = open_image(source, max_pixels=max_pixels, min_size=size)
