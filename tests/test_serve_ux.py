@@ -184,7 +184,8 @@ def test_shell_words_become_the_query():
 
 
 def test_an_indexed_path_whose_file_is_gone_is_that_item(index, tmp_path):
-    from coembed.index.query import item_vectors, parse_query
+    from coembed.index.index import item_vectors
+    from coembed.index.query import parse_query
 
     gone = index.items[5] + ".moved"
     index.items[5], kept = gone, index.items[5]

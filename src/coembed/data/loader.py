@@ -288,14 +288,7 @@ class PairData:
         if self.streaming:
             stream = self._stream(mine, batches, fill_failed)
         else:
-            stream = (
-                (
-                    b,
-                    torch.from_numpy(self.images[self.pair_image[mine[b].numpy()]]),
-                    mine[b].tolist(),
-                )
-                for b in batches
-            )
+            stream = self._cached(mine, batches)
         for b, u8, pairs in stream:
             u8 = u8.to(device)  # (B, C, C, 3) uint8
             if augment:
@@ -310,6 +303,15 @@ class PairData:
                 yield x, captions, torch.from_numpy(self.image_ids()[self.pair_image[pairs]])
             else:
                 yield x, captions
+
+    def _cached(self, mine: Tensor, batches: range) -> Iterator[tuple[int, Tensor, list[int]]]:
+        """(batch number, its cached uint8 squares, its pair indices) for each of ``batches``."""
+        for b in batches:
+            yield (
+                b,
+                torch.from_numpy(self.images[self.pair_image[mine[b].numpy()]]),
+                mine[b].tolist(),
+            )
 
     def _stream(
         self, mine: Tensor, batches: range, fill_failed: bool = False

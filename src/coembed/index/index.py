@@ -31,7 +31,7 @@ from coembed.index.kinds import (
     choose_kind,
     new_faiss_index,
 )
-from coembed.index.query import Query, check_images, embed_query, item_vectors, parse_query
+from coembed.index.query import Query, Term, check_images, embed_query, parse_query
 
 if TYPE_CHECKING:
     from coembed.embedder import Embedder
@@ -373,3 +373,38 @@ class Index:
         if self._model_files is not None and self.model["copy"]:
             self._model_files = root / self.model["copy"]
         return root
+
+
+def item_vectors(query: Query, index: Index) -> dict[str, np.ndarray]:
+    """The (D,) vectors of the image terms that name an item of ``index``, by term value.
+
+    ``image:17`` is item 17, as on the web page (UsageError past the last id); a path that is no
+    file but an indexed item's is that item. Other image terms are files, left to embed. The
+    vector is the one stored (re-embedded from the item when the index keeps none, as IVF-PQ).
+    """
+    ids: dict[str, int] = {}
+    for term in query.terms:
+        value = term.value
+        if term.kind != "image" or value in ids:
+            continue
+        if value.isascii() and value.isdigit():
+            if int(value) >= len(index):
+                raise UsageError(
+                    f"image:{value}: the index has items 0 to {len(index) - 1} "
+                    f"(for a file named {value}, write image:./{value})"
+                )
+            ids[value] = int(value)
+        elif not Path(value).is_file() and value in index.items:
+            ids[value] = index.items.index(value)
+    return {value: _item_vector(index, i) for value, i in ids.items()}
+
+
+def _item_vector(index: Index, item_id: int) -> np.ndarray:
+    try:
+        return index.faiss.reconstruct(item_id)
+    except RuntimeError:  # IVF-PQ keeps codes without an id map: embed the item again
+        item = index.items[item_id]
+        if index.modality == "text":
+            return index.embedder.embed_texts([item])[0]
+        check_images(Query((Term(1.0, "image", item),)))
+        return index.embedder.embed_images([item])[0]

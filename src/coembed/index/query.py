@@ -11,7 +11,8 @@ weighted terms::
 Text terms are in double quotes (``\\"`` is a literal quote inside); image terms are
 ``image:"path"`` or ``image:path`` (no spaces). Searching an index, an image term may also name
 one of its items, as on the web page: ``image:17`` is item 17 (write ``image:./17`` for a file
-named 17), and the path of an indexed item whose file is gone is that item (``item_vectors``).
+named 17), and the path of an indexed item whose file is gone is that item
+(``coembed.index.index.item_vectors``).
 Each term is embedded and L2-normalized, the weighted sum is renormalized, and that unit vector
 is what the index searches. ``combine_terms`` is the arithmetic itself, shared by
 ``embed_query`` and the server.
@@ -41,7 +42,6 @@ from coembed.errors import ImageError, UsageError
 
 if TYPE_CHECKING:
     from coembed.embedder import Embedder
-    from coembed.index.index import Index
 
 _NUMBER = re.compile(r"\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?")
 # Larger weights overflow the weighted sum of unit vectors (and say nothing a smaller one cannot).
@@ -281,41 +281,6 @@ def command_line_query(
         return Query((first,))
     rest = parse_query(str(query)).terms
     return Query((first, *rest))
-
-
-def item_vectors(query: Query, index: Index) -> dict[str, np.ndarray]:
-    """The (D,) vectors of the image terms that name an item of ``index``, by term value.
-
-    ``image:17`` is item 17, as on the web page (UsageError past the last id); a path that is no
-    file but an indexed item's is that item. Other image terms are files, left to embed. The
-    vector is the one stored (re-embedded from the item when the index keeps none, as IVF-PQ).
-    """
-    ids: dict[str, int] = {}
-    for term in query.terms:
-        value = term.value
-        if term.kind != "image" or value in ids:
-            continue
-        if value.isascii() and value.isdigit():
-            if int(value) >= len(index):
-                raise UsageError(
-                    f"image:{value}: the index has items 0 to {len(index) - 1} "
-                    f"(for a file named {value}, write image:./{value})"
-                )
-            ids[value] = int(value)
-        elif not Path(value).is_file() and value in index.items:
-            ids[value] = index.items.index(value)
-    return {value: _item_vector(index, i) for value, i in ids.items()}
-
-
-def _item_vector(index: Index, item_id: int) -> np.ndarray:
-    try:
-        return index.faiss.reconstruct(item_id)
-    except RuntimeError:  # IVF-PQ keeps codes without an id map: embed the item again
-        item = index.items[item_id]
-        if index.modality == "text":
-            return index.embedder.embed_texts([item])[0]
-        check_images(Query((Term(1.0, "image", item),)))
-        return index.embedder.embed_images([item])[0]
 
 
 def check_images(query: Query, known: Collection[str] = ()) -> None:

@@ -92,6 +92,21 @@ def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch
         torch.cuda.set_rng_state(cuda, device)
 
 
+def cache_features(
+    run: TrainRun, image_chunks: tuple[torch.Tensor, ...], token_chunks: tuple[torch.Tensor, ...]
+) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
+    """The caching pass of ``accumulated_backward``: each micro-batch's random state before its
+    forward, and its image and text features (fp32, no gradient), buffers left as they were."""
+    states, cached = [], []
+    with torch.no_grad(), autocast(run), buffers_restored(run.raw_model):
+        for i, t in zip(image_chunks, token_chunks):
+            states.append(rng_state(run.device))
+            cached.append(run.model(i, t))
+    images = [c["image_features"].float() for c in cached]
+    texts = [c["text_features"].float() for c in cached]
+    return states, images, texts
+
+
 def accumulated_backward(
     run: TrainRun,
     images: torch.Tensor,
@@ -120,13 +135,7 @@ def accumulated_backward(
     """
     n = run.cfg.train.accum_steps
     image_chunks, token_chunks = images.chunk(n), tokens.chunk(n)
-    states, cached = [], []
-    with torch.no_grad(), autocast(run), buffers_restored(run.raw_model):
-        for i, t in zip(image_chunks, token_chunks):
-            states.append(rng_state(run.device))
-            cached.append(run.model(i, t))
-    cached_images = [c["image_features"].float() for c in cached]
-    cached_texts = [c["text_features"].float() for c in cached]
+    states, cached_images, cached_texts = cache_features(run, image_chunks, token_chunks)
     ddp = isinstance(run.model, nn.parallel.DistributedDataParallel)
     hidden_chunks = [None] * n if hidden is None else hidden.chunk(n)
     count = 0 if hidden is None else int(hidden.sum())
