@@ -225,6 +225,7 @@ def tiny_train_run(captions: list[str], settings: list[str], batchnorm_eval: boo
     from coembed.tokenizer import Tokenizer
     from coembed.training.optim import make_optimizer
     from coembed.training.run import Dist, TrainRun
+    from coembed.training.views import view_head_for
 
     tokenizer = Tokenizer.train(captions, vocab_size=600, context_length=16)
     cfg = load_config("tiny", settings)
@@ -234,6 +235,7 @@ def tiny_train_run(captions: list[str], settings: list[str], batchnorm_eval: boo
     for m in model.modules():
         if batchnorm_eval and isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
+    head = view_head_for(cfg)
     return TrainRun(
         cfg=cfg,
         output=Path("."),
@@ -242,11 +244,12 @@ def tiny_train_run(captions: list[str], settings: list[str], batchnorm_eval: boo
         model=model,
         raw_model=model,
         tokenizer=tokenizer,
-        optimizer=make_optimizer(model, cfg),
+        optimizer=make_optimizer(model, cfg, head),
         data=None,
         total_steps=1,
         batches_per_epoch=1,
         loss_fn=make_loss(cfg.train.loss, cfg.train.label_smoothing),
+        view_head=head,
     )
 
 

@@ -1,6 +1,8 @@
 """Objectives beyond the contrastive pair (issue 19): soft targets for duplicate captions and
-images, label smoothing, the weights' moving average, masked language modelling. Each against a hand computation, across two gloo processes, through
-gradient accumulation, learning on a tiny set, and resumed bitwise (the style augmentation too;
+images, label smoothing, the weights' moving average, masked language modelling, image
+self-supervision on a second view (SLIP's NT-Xent, DeCLIP's multi-view). Each against a hand
+computation, across two gloo processes, through gradient accumulation, learning on a tiny set,
+and resumed bitwise (the style augmentation too;
 its pixels are tested in test_data_transforms)."""
 
 from __future__ import annotations
@@ -349,6 +351,19 @@ def test_mlm_under_torchrun_trains(repeated_data, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.slow
+def test_two_views_under_torchrun_train(repeated_data, tmp_path):
+    """Both views in one forward of the DDP-wrapped model, the projection head outside it (its
+    gradients averaged by the run): two processes train and log finite losses."""
+    settings = ["train.simclr_weight=0.5", "train.multiview=true", "train.log_every=1"]
+    extra = [a for s in settings for a in ("--set", s)] + list(CLIP_TOKENIZER)
+    out = tmp_path / "ddp"
+    ok(torchrun(train_args(repeated_data, out, *extra, steps=2, batch=16)))
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert (out / "checkpoints" / "step-0000002" / "view_head.safetensors").is_file()
+
+
 # --- config and resume -----------------------------------------------------------------------------
 
 
@@ -364,6 +379,12 @@ def test_mlm_under_torchrun_trains(repeated_data, tmp_path):
         (["train.mlm_weight=-1"], "train.mlm_weight: must be in [0, 100]"),
         (["data.color_jitter=-1"], "data.color_jitter: must be in [0, 1]"),
         (["data.augment=false", "data.grayscale_p=0.2"], "needs data.augment=true"),
+        (["train.simclr_weight=-0.5"], "train.simclr_weight: must be in [0, 100]"),
+        (["train.simclr_temperature=0"], "train.simclr_temperature: must be in (0, 10]"),
+        (["train.simclr_temperature=-1"], "train.simclr_temperature: must be in (0, 10]"),
+        (["train.multiview=2"], "train.multiview: expected true or false"),
+        (["train.multiview=true", "data.augment=false"], "train.multiview trains on a second"),
+        (["train.simclr_weight=1", "train.accum_steps=2"], "use train.accum_steps=1"),
     ],
 )
 def test_bad_values_say_what_is_wrong(settings, message):
@@ -378,10 +399,13 @@ def test_bad_values_say_what_is_wrong(settings, message):
 def test_defaults_leave_the_objectives_off():
     from coembed.config import Config
     from coembed.training.loop import style_augment_of
+    from coembed.training.views import two_views, view_head_for
 
     cfg = Config()
     assert cfg.train.soft_targets is False and cfg.train.label_smoothing == 0.0
     assert cfg.train.ema_decay == 0.0 and cfg.train.mlm_weight == 0.0
+    assert cfg.train.simclr_weight == 0.0 and cfg.train.multiview is False
+    assert not two_views(cfg) and view_head_for(cfg) is None
     assert not style_augment_of(cfg).active
 
 
@@ -415,6 +439,8 @@ def process_settings_kept():
         ["data.color_jitter=0.4", "data.grayscale_p=0.3", "data.blur_p=0.5"],
         ["train.ema_decay=0.9"],
         ["train.mlm_weight=0.5", "model.text.dropout=0.1", "train.accum_steps=2"],
+        ["train.simclr_weight=0.5", "data.color_jitter=0.4"],
+        ["train.multiview=true"],
     ],
     ids=str,
 )
@@ -699,3 +725,185 @@ def test_mlm_loss_falls_on_a_tiny_set():
     # Each step hides only 15% of the tokens and the tied head moves the inputs too: slower
     # than the contrastive loss, but falling (from log of the vocabulary, 6.3).
     assert token_loss() < 0.85 * before
+
+
+# --- a second view of each image (SLIP's NT-Xent, DeCLIP's multi-view) -----------------------------
+
+# Two images' two views (unit vectors) and the temperature of the hand computation.
+FIRST_VIEWS = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+SECOND_VIEWS = [[0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]]
+TEMPERATURE = 0.5
+
+
+def hand_nt_xent(first: list[list[float]], second: list[list[float]], t: float) -> float:
+    """SimCLR's NT-Xent by its definition, one row at a time, in plain Python."""
+    views = first + second
+    n = len(first)
+    total = 0.0
+    for i, a in enumerate(views):
+        partner = (i + n) % (2 * n)
+        sims = {j: sum(x * y for x, y in zip(a, b)) / t for j, b in enumerate(views) if j != i}
+        total += -sims[partner] + math.log(sum(math.exp(s) for s in sims.values()))
+    return total / (2 * n)
+
+
+def test_nt_xent_equals_hand_computation():
+    from coembed.loss import nt_xent
+
+    first, second = (torch.tensor(v, dtype=torch.float64) for v in (FIRST_VIEWS, SECOND_VIEWS))
+    got = float(nt_xent(first, second, TEMPERATURE))
+    assert got == pytest.approx(hand_nt_xent(FIRST_VIEWS, SECOND_VIEWS, TEMPERATURE), rel=1e-12)
+    # Lengths do not matter (cosine similarity); the temperature does.
+    assert float(nt_xent(3 * first, second, TEMPERATURE)) == pytest.approx(got, rel=1e-12)
+    assert float(nt_xent(first, second, 1.0)) != pytest.approx(got, rel=1e-3)
+
+
+def nt_xent_worker(rank: int, world: int, port: int, queue) -> None:
+    from coembed.training.run import Dist
+    from coembed.training.views import average_head_gradients
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        head, (first, second) = nt_xent_case()
+        rows = slice(rank * 4, (rank + 1) * 4)
+        loss = nt_xent_of(head, first[rows], second[rows])
+        loss.backward()
+        # The head is outside DDP: the run averages its gradients itself.
+        average_head_gradients(type("Run", (), {"view_head": head, "dist": Dist(rank, world)}))
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        queue.put((rank, float(total) / world, [p.grad.numpy().copy() for p in head.parameters()]))
+    finally:
+        dist.destroy_process_group()
+
+
+def nt_xent_case() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A seeded projection head and two views (8, 8) of eight images."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 6).double()
+    g = torch.Generator().manual_seed(5)
+    return head, tuple(torch.randn(8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+
+
+def nt_xent_of(head: torch.nn.Module, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    from coembed.loss import nt_xent
+
+    return nt_xent(head(first), head(second), 0.2)
+
+
+def test_nt_xent_across_two_processes_matches_one_process():
+    """Each rank's rows against the gathered views of both: the mean over the ranks is the
+    whole batch's loss, and the averaged head gradients are the whole batch's."""
+    results = run_two_processes(nt_xent_worker)
+    head, (first, second) = nt_xent_case()
+    loss = nt_xent_of(head, first, second)
+    loss.backward()
+    for _, mean_loss, grads in results:
+        assert abs(mean_loss - loss.item()) < 1e-9
+        for g, p in zip(grads, head.parameters()):
+            torch.testing.assert_close(torch.from_numpy(g), p.grad, atol=1e-9, rtol=0)
+
+
+def test_second_view_comes_after_the_first_views_draws(tmp_path):
+    """With a second view the batch is (2B) images: the first B exactly as without it (the
+    generator draws them first), then other crops of the same images."""
+    from coembed.data.formats import read_records
+    from coembed.data.loader import PairData
+    from coembed.data.transforms import StyleAugment
+    from tests.helpers import copy_images, shipped_rows
+
+    rows = shipped_rows(4)
+    copy_images(rows, tmp_path / "images")
+    table = [(f"images/{a}", caption) for a, caption in rows]
+    records, _ = read_records(str(write_csv(tmp_path / "pairs.csv", table)), "filepath", "caption")
+    data = PairData.from_records(records, 32, cache_dir=None, num_workers=0)
+    style = StyleAugment(color_jitter=0.4)
+
+    def first_batch(second_view: bool) -> torch.Tensor:
+        kwargs = {"crop_scale_min": 0.3, "style": style, "second_view": second_view}
+        return next(iter(data.epoch_batches(0, 0, 4, **kwargs)))[0]
+
+    one, two = first_batch(False), first_batch(True)
+    assert one.shape == (4, 3, 32, 32) and two.shape == (8, 3, 32, 32)
+    assert torch.equal(two[:4], one)
+    assert all(not torch.allclose(two[i], two[i + 4]) for i in range(4))
+
+
+VIEWS = [*TINY, "train.device=cpu", "train.warmup_steps=0"]
+
+
+def two_view_images() -> torch.Tensor:
+    """Eight images' two views: (16, 3, 32, 32), the first views on top."""
+    return torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_simclr_shapes_and_gradients_reach_the_image_tower_and_head_not_the_text():
+    from coembed.training.step import forward_loss
+    from coembed.training.views import simclr_term
+
+    run = tiny_train_run(DISTINCT, [*VIEWS, "train.simclr_weight=0.5"])
+    tokens = run.tokenizer(DISTINCT)
+    out = run.model(two_view_images(), tokens)
+    assert out["image_features"].shape == (16, 32) and out["text_features"].shape == (8, 32)
+    first, second = out["image_features"].chunk(2)
+    assert run.view_head(first).shape == (8, 32)
+    simclr_term(run, first, second).backward()
+    got = {n for n, p in run.model.named_parameters() if p.grad is not None and p.grad.abs().sum()}
+    assert any(n.startswith("visual.trunk") for n in got)
+    assert not any(n.startswith("text.") for n in got) and "logit_scale" not in got
+    assert all(p.grad.abs().sum() > 0 for p in run.view_head.parameters())
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = forward_loss(run, two_view_images(), tokens)
+    assert loss.shape == ()
+    loss.backward()  # the contrastive term reaches the text tower
+    assert run.raw_model.text.token_embedding.weight.grad.abs().sum() > 0
+    # The head is trained by the run's optimizer, and counted in the gradient norm.
+    trained = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in trained for p in run.view_head.parameters())
+    assert len(run.trained_parameters()) == len(list(run.model.parameters())) + 4
+
+
+def test_multiview_loss_is_the_mean_of_both_views_against_the_captions():
+    from coembed.training.step import forward_loss
+
+    run = tiny_train_run(DISTINCT, [*VIEWS, "train.multiview=true"], batchnorm_eval=True)
+    assert run.view_head is None  # multi-view alone has no projection head
+    tokens = run.tokenizer(DISTINCT)
+    images = two_view_images()
+    with torch.no_grad():
+        got = float(forward_loss(run, images, tokens))
+        one, two = (run.model(x, tokens) for x in images.chunk(2))
+        want = (float(run.loss_fn(**one)) + float(run.loss_fn(**two))) / 2
+    assert got == pytest.approx(want, rel=1e-5)
+    assert abs(float(run.loss_fn(**one)) - want) > 1e-4  # the second view counts
+
+
+@pytest.mark.parametrize("settings", [["train.simclr_weight=1"], ["train.multiview=true"]], ids=str)
+def test_two_view_loss_falls_on_a_tiny_set(settings):
+    from coembed.training.step import train_step
+
+    run = tiny_train_run(DISTINCT, [*VIEWS, *settings])
+    run.total_steps = 12
+    images = two_view_images()
+    losses = [train_step(run, images, DISTINCT)[0] for _ in range(12)]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_simclr_head_is_checkpointed_but_not_in_the_model(
+    repeated_data, tmp_path, process_settings_kept
+):
+    import coembed
+    from coembed.config import load_config
+
+    settings = [*TINY, "train.batch_size=8", "train.steps=2", "train.device=cpu"]
+    settings += ["train.simclr_weight=0.5", "data.workers=0", "train.threads=1"]
+    coembed.train(load_config("tiny", settings), repeated_data, tmp_path / "run")
+    head = load_file(
+        str(tmp_path / "run" / "checkpoints" / "step-0000002" / "view_head.safetensors")
+    )
+    assert set(head) == {"hidden.weight", "hidden.bias", "out.weight", "out.bias"}
+    # The model directory holds the model alone, and loads (strictly: no tensor left over).
+    embedder = coembed.load(tmp_path / "run", device="cpu")
+    assert set(weights(tmp_path / "run")) == set(embedder.model.state_dict())
+    assert embedder.embed_texts(["red shapes"]).shape == (1, 32)

@@ -145,6 +145,12 @@ class TrainConfig:
     # Masked language modelling on the text tower (bidirectional, head tied to the token
     # embedding), added to the loss with this weight; 0: off.
     mlm_weight: float = 0.0
+    # Image self-supervision on a second augmented view of each image (coembed.training.views):
+    # SLIP's NT-Xent between the two views' projections, added with this weight; 0: off.
+    simclr_weight: float = 0.0
+    simclr_temperature: float = 0.1  # NT-Xent's temperature
+    # DeCLIP's multi-view: the second view is contrasted with the caption too (mean of the two).
+    multiview: bool = False
 
 
 @dataclass
@@ -350,6 +356,8 @@ def _bounded(cfg: Config) -> list[tuple[str, float, Bounds]]:
         ("train.label_smoothing", tr.label_smoothing, FRACTION),
         ("train.ema_decay", tr.ema_decay, FRACTION),
         ("train.mlm_weight", tr.mlm_weight, Bounds(0, 100, why="a loss weight")),
+        ("train.simclr_weight", tr.simclr_weight, Bounds(0, 100, why="a loss weight")),
+        ("train.simclr_temperature", tr.simclr_temperature, Bounds(0, 10, lo_open=True)),
         ("data.max_cache_gb", d.max_cache_gb, NOT_NEGATIVE),
         ("data.workers", d.workers, Bounds(0, 1024)),
         ("data.prefetch", d.prefetch, Bounds(0, 1024)),
@@ -433,11 +441,27 @@ def _check_augment(d: DataConfig) -> None:
             raise ConfigError(f"data.{name} augments training images: it needs data.augment=true")
 
 
+def _check_views(cfg: Config) -> None:
+    """The second view (train.simclr_weight, train.multiview) is a second random crop: it needs
+    augmentation on, and one batch per step (the accumulation path caches one view only)."""
+    tr = cfg.train
+    for name, on in (("simclr_weight", tr.simclr_weight), ("multiview", tr.multiview)):
+        if on and not cfg.data.augment:
+            raise ConfigError(
+                f"train.{name} trains on a second random view: it needs data.augment=true"
+            )
+        if on and tr.accum_steps > 1:
+            raise ConfigError(
+                f"train.{name} does not combine with gradient accumulation: use train.accum_steps=1"
+            )
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges and choices, changing nothing; returns the same config or raises ConfigError."""
     _check_choices(cfg)
     _check_ranges(cfg)
     _check_augment(cfg.data)
+    _check_views(cfg)
     _check_text(cfg.model.text, cfg.model.tokenizer)
     _check_image(cfg.model.image)
     _check_run(cfg.train)

@@ -132,6 +132,25 @@ class SigLipLoss(nn.Module):
         return -F.logsigmoid(labels * logits).sum() / B
 
 
+def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent of two views' projections ``first`` and ``second`` (B, D) of this rank's
+    images: each of the 2B rows must pick its other view among the 2*W*B views of the global batch
+    (itself left out), at cosine similarity / ``temperature``; the mean over the rows."""
+    B = first.shape[0]
+    first, second = F.normalize(first, dim=-1), F.normalize(second, dim=-1)
+    every_first, every_second = gather_with_grad(first), gather_with_grad(second)  # (N=W*B, D)
+    N = every_first.shape[0]
+    rows = torch.cat([first, second])  # (2B, D)
+    columns = torch.cat([every_first, every_second])  # (2N, D)
+    logits = rows @ columns.T / temperature  # (2B, 2N)
+    mine = torch.arange(B, device=first.device) + _rank() * B  # this rank's images among N
+    own = torch.cat([mine, mine + N])  # (2B,) each row's own column
+    itself = torch.zeros_like(logits, dtype=torch.bool)
+    itself[torch.arange(2 * B, device=first.device), own] = True
+    targets = torch.cat([mine + N, mine])  # the other view of the same image
+    return F.cross_entropy(logits.masked_fill(itself, float("-inf")), targets)
+
+
 def make_loss(kind: str, label_smoothing: float = 0.0) -> nn.Module:
     """The contrastive loss named ``kind`` (clip or siglip); label smoothing is the softmax
     loss's alone."""

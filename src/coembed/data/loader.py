@@ -263,6 +263,7 @@ class PairData:
         crop_scale_min: float = 0.8,
         with_image_ids: bool = False,
         style: StyleAugment | None = None,
+        second_view: bool = False,
     ) -> Iterator[tuple[Tensor, list[str]] | tuple[Tensor, list[str], Tensor]]:
         """This rank's batches of one epoch from ``start_batch`` on: (images, captions), and with
         ``with_image_ids`` a third item, the (B,) int64 id of each pair's image (two captions of
@@ -272,7 +273,9 @@ class PairData:
         Images are float32 (B, 3, S, S), normalized, channels_last, on ``device`` (uint8 is
         moved there before augmenting: 4x less to copy). With ``augment`` each image is a random
         resized crop of ``crop_scale_min`` to all of the cached square's area, then ``style``'s
-        colour jitter, greyscale and blur (from the same per-batch generator). In streaming mode
+        colour jitter, greyscale and blur (from the same per-batch generator); with ``second_view``
+        a second crop and style of each image follows, drawn after the first, and the images are
+        (2B, 3, S, S), the first views on top (the first views as without it). In streaming mode
         an image that fails to decode is dropped from its batch (and a batch with none left is
         skipped). With ``fill_failed`` (training) every batch keeps its size instead, which DDP's
         all-gather and the step -> batch arithmetic of a resume need: see ``_fill``.
@@ -293,9 +296,7 @@ class PairData:
             u8 = u8.to(device)  # (B, C, C, 3) uint8
             if augment:
                 generator = batch_generator(seed, epoch, b, rank)
-                x = train_augment(
-                    u8, self.image_size, generator, scale=(crop_scale_min, 1.0), style=style
-                )
+                x = self._augmented(u8, generator, crop_scale_min, style, second_view)
             else:
                 x = eval_from_uint8(u8, self.image_size)
             captions = [self.pair_caption[p] for p in pairs]
@@ -303,6 +304,26 @@ class PairData:
                 yield x, captions, torch.from_numpy(self.image_ids()[self.pair_image[pairs]])
             else:
                 yield x, captions
+
+    def _augmented(
+        self,
+        u8: Tensor,
+        generator: torch.Generator,
+        crop_scale_min: float,
+        style: StyleAugment | None,
+        second_view: bool,
+    ) -> Tensor:
+        """The training crops (B, 3, S, S) of ``u8``, or with ``second_view`` (2B, 3, S, S): the
+        first views, then second ones drawn after them from the same ``generator``."""
+        views = [
+            train_augment(u8, self.image_size, generator, scale=(crop_scale_min, 1.0), style=style)
+            for _ in range(2 if second_view else 1)
+        ]
+        return (
+            torch.cat(views).contiguous(memory_format=torch.channels_last)
+            if second_view
+            else views[0]
+        )
 
     def _cached(self, mine: Tensor, batches: range) -> Iterator[tuple[int, Tensor, list[int]]]:
         """(batch number, its cached uint8 squares, its pair indices) for each of ``batches``."""

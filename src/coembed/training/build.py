@@ -51,6 +51,7 @@ from coembed.training.state import (
     resumed_config,
     write_run_config,
 )
+from coembed.training.views import view_head_for
 
 if TYPE_CHECKING:
     from coembed.data.formats import Record
@@ -142,9 +143,10 @@ def apply_locks(model: CoEmbed, cfg: Config) -> None:
 
 def build_model(
     cfg: Config, device: torch.device, dist_: Dist, init: str | None
-) -> tuple[nn.Module, CoEmbed, torch.optim.AdamW]:
-    """The model to train (DDP- or compile-wrapped as configured), the model itself and its
-    optimizer; weights from ``init`` when given."""
+) -> tuple[nn.Module, CoEmbed, torch.optim.AdamW, nn.Module | None]:
+    """The model to train (DDP- or compile-wrapped as configured), the model itself, its
+    optimizer and the projection head of ``train.simclr_weight`` (None without it); weights from
+    ``init`` when given."""
     # The initial weights depend on the seed only (nothing else draws from torch's generator
     # before), so a run killed before its first checkpoint restarts from the same weights.
     torch.manual_seed(cfg.train.seed)
@@ -153,17 +155,19 @@ def build_model(
         init_weights(model, init)
     apply_locks(model, cfg)
     model.visual.grad_checkpointing = model.text.grad_checkpointing = cfg.train.grad_checkpointing
+    head = view_head_for(cfg)
+    head = None if head is None else head.to(device)
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, head)
     wrapped: nn.Module = model
     if dist_.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=25)
     if cfg.train.compile:
         wrapped = torch.compile(wrapped)
-    return wrapped, model, optimizer
+    return wrapped, model, optimizer, head
 
 
 def start_processes(cfg: Config, options: RunOptions) -> tuple[Dist, torch.device]:
@@ -194,7 +198,7 @@ def build_run(
     tokenizer = run_tokenizer(plan, records, dist_)
     cfg = validate(cfg)
     checkpoints = checkpoint_dirs(options.output) if plan.resuming else []
-    model, raw_model, optimizer = build_model(
+    model, raw_model, optimizer, view_head = build_model(
         cfg, device, dist_, None if checkpoints else options.init
     )
     data = load_pair_data(records, cfg, options.output, dist_)
@@ -215,6 +219,7 @@ def build_run(
         loss_fn=make_loss(cfg.train.loss, cfg.train.label_smoothing),
         read_report=report,
         ema=WeightAverage(raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None,
+        view_head=view_head,
     )
     read_evaluation_sets(run, options)
     if dist_.is_main and keep and not plan.resuming:

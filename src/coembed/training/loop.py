@@ -22,6 +22,7 @@ from coembed.training.log import Logger, evaluate_and_log
 from coembed.training.run import CHECKPOINTS, TrainRun
 from coembed.training.state import save_checkpoint
 from coembed.training.step import train_step
+from coembed.training.views import two_views
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -130,6 +131,7 @@ def run_epochs(
             crop_scale_min=cfg.data.crop_scale_min,
             with_image_ids=cfg.train.soft_targets,
             style=style_augment_of(cfg),
+            second_view=two_views(cfg),
         )
         with prefetched(stream, cfg.data.prefetch) as ready:
             last_metrics, signum = run_epoch(run, logger, ready, bar, epoch, requests, last_metrics)

@@ -32,12 +32,18 @@ def decayed_names(model: nn.Module) -> set[str]:
     }
 
 
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, weight decay only on ``decayed_names``."""
+def make_optimizer(
+    model: nn.Module, cfg: Config, head: nn.Module | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (the model's, then ``head``'s: the projection head of
+    ``coembed.training.views``), weight decay only on ``decayed_names``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise UsageError("nothing to train: both towers are locked")
     decayed = decayed_names(model)
+    if head is not None:
+        named += [(f"view_head.{n}", p) for n, p in head.named_parameters()]
+        decayed |= {f"view_head.{n}" for n in decayed_names(head)}
     groups = [
         {"params": [p for n, p in named if n in decayed], "weight_decay": cfg.train.weight_decay},
         {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0},

@@ -21,6 +21,7 @@ from coembed.files import atomic_write_text
 from coembed.training.loop import style_augment_of
 from coembed.training.run import TrainRun
 from coembed.training.step import forward_loss, train_step
+from coembed.training.views import two_views
 
 
 def measured_matmul_flops(
@@ -69,6 +70,7 @@ def endless_batches(run: TrainRun) -> Iterator[tuple]:
             crop_scale_min=run.cfg.data.crop_scale_min,
             with_image_ids=run.cfg.train.soft_targets,
             style=style_augment_of(run.cfg),
+            second_view=two_views(run.cfg),
         )
         epoch += 1
 

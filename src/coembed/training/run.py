@@ -96,6 +96,12 @@ class TrainRun:
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     read_report: ReadReport | None = None
     ema: WeightAverage | None = None  # train.ema_decay > 0: the weights' moving average
+    view_head: nn.Module | None = None  # train.simclr_weight > 0: views.ViewHead, not in the model
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The model's parameters and the projection head's (when the run trains one)."""
+        head = [] if self.view_head is None else list(self.view_head.parameters())
+        return [*self.raw_model.parameters(), *head]
 
     @property
     def evaluated_model(self) -> CoEmbed:

@@ -39,6 +39,7 @@ from coembed.training.run import (
 # --- checkpoints ---------------------------------------------------------------------------------
 
 EMA_FILE = "ema.safetensors"  # the weights' moving average, in runs with train.ema_decay
+VIEW_HEAD_FILE = "view_head.safetensors"  # the projection head, in runs with train.simclr_weight
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -104,6 +105,8 @@ def save_checkpoint(run: TrainRun) -> Path:
         save_weights(tmp / "rng.safetensors", rng_tensors(), {})
         if run.ema is not None:
             save_weights(tmp / EMA_FILE, run.ema.model.state_dict(), {"step": str(run.step)})
+        if run.view_head is not None:
+            save_weights(tmp / VIEW_HEAD_FILE, run.view_head.state_dict(), {"step": str(run.step)})
         epoch, batch = divmod(run.step, run.batches_per_epoch)
         state = {
             "step": run.step,
@@ -176,20 +179,19 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, di
     return state, weights, opt, rng
 
 
-def read_ema(path: Path) -> dict[str, torch.Tensor]:
-    """The moving average of the checkpoint folder ``path``; ModelDirError when it has none (a
-    checkpoint of a run without train.ema_decay) or it cannot be read."""
+def read_extra(path: Path, name: str, why: str) -> dict[str, torch.Tensor]:
+    """The tensors of the file ``name`` in the checkpoint folder ``path``, which the run needs
+    ``why`` (e.g. "the run keeps a moving average (train.ema_decay)"); ModelDirError when the
+    checkpoint has none (one of a run without it) or it cannot be read."""
     try:
-        return load_file(str(path / EMA_FILE))
+        return load_file(str(path / name))
     except FileNotFoundError:
         raise ModelDirError(
-            f"{path}: no {EMA_FILE}, though the run keeps a moving average (train.ema_decay); "
-            f"delete {path} to resume from an older checkpoint"
+            f"{path}: no {name}, though {why}; delete {path} to resume from an older checkpoint"
         ) from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelDirError(
-            f"{path / EMA_FILE}: unreadable ({exc}); delete {path} to resume from an older "
-            "checkpoint"
+            f"{path / name}: unreadable ({exc}); delete {path} to resume from an older checkpoint"
         ) from None
 
 
@@ -204,7 +206,12 @@ def load_checkpoint(run: TrainRun, path: Path) -> None:
         )
     load_state_strict(run.raw_model, weights, str(path / WEIGHTS_FILE))
     if run.ema is not None:
-        load_state_strict(run.ema.model, read_ema(path), str(path / EMA_FILE))
+        why = "the run keeps a moving average (train.ema_decay)"
+        load_state_strict(run.ema.model, read_extra(path, EMA_FILE, why), str(path / EMA_FILE))
+    if run.view_head is not None:
+        why = "the run trains a projection head (train.simclr_weight)"
+        head = read_extra(path, VIEW_HEAD_FILE, why)
+        load_state_strict(run.view_head, head, str(path / VIEW_HEAD_FILE))
     refuse_non_finite(opt, str(path / "optimizer.safetensors"))
     try:
         restore_optimizer(run.optimizer, opt, state["optimizer"])

@@ -18,6 +18,7 @@ from coembed.towers.layers import buffers_restored
 from coembed.training.optim import learning_rate
 from coembed.training.run import TrainingDiverged, TrainRun
 from coembed.training.state import last_good
+from coembed.training.views import average_head_gradients, two_view_loss, two_views
 
 
 def autocast(run: TrainRun) -> contextlib.AbstractContextManager:
@@ -67,12 +68,17 @@ def forward_loss(
 ) -> torch.Tensor:
     """The loss of one batch (model under autocast, loss in fp32): contrastive, with
     ``positives`` as ``coembed.loss.positive_pairs`` returns them, plus the masked language
-    model's term when ``hidden`` (from ``mlm_hidden``) is given."""
+    model's term when ``hidden`` (from ``mlm_hidden``) is given. With a second view
+    (``views.two_views``) ``images`` are (2B, 3, S, S), both views in one pass through the tower,
+    and the loss is ``views.two_view_loss``."""
     with autocast(run):
         out = run.model(images, tokens, hidden)
     logits = out.pop("mlm_logits", None)
     out = {k: v.float() for k, v in out.items()}
-    loss = run.loss_fn(**out, positives=positives)
+    if two_views(run.cfg):
+        loss = two_view_loss(run, out, positives)
+    else:
+        loss = run.loss_fn(**out, positives=positives)
     if logits is not None:
         loss = loss + mlm_term(run, logits, tokens, hidden, int(hidden.sum()))
     return loss
@@ -189,7 +195,7 @@ def gradient_norm(run: TrainRun) -> float:
     """The global gradient norm, clipped to ``grad_clip`` on the way when that is set."""
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
-    params = [p for p in run.raw_model.parameters() if p.grad is not None]
+    params = [p for p in run.trained_parameters() if p.grad is not None]
     if run.cfg.train.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.train.grad_clip)
     else:
@@ -217,7 +223,9 @@ def train_step(
     """One optimizer step on one global batch; returns (loss before the step, gradient norm).
 
     ``image_ids`` (B,) name each pair's image, so soft targets can tell two captions of one image
-    apart from two images (without them only identical captions count as positives).
+    apart from two images (without them only identical captions count as positives). With a
+    second view (``views.two_views``) ``images`` are (2B, 3, S, S): the first views, then the
+    second ones.
     A non-finite loss or gradient stops the run before the optimizer touches the weights, so the
     checkpoints on disk stay good (with fp16 the grad scaler skips such steps on its own).
     """
@@ -238,6 +246,7 @@ def train_step(
     else:
         loss = forward_loss(run, images, tokens, positives, hidden)
         backward(run, loss)
+    average_head_gradients(run)
     value = global_mean(run, loss.detach())
     if not math.isfinite(value):
         raise TrainingDiverged(
