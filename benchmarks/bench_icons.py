@@ -51,7 +51,7 @@ The machine is shared: one seed, one run per side, and rates vary with other job
     .venv/bin/python benchmarks/bench_icons.py --quick           # ~5 min, for `make bench`
 
 Recipe choices (coembed only, each a ``--set`` override of the tiny recipe). With the budget,
-a variant that changes the model gets its own probe and the others share the recipe's; with
+a variant gets its own probe unless it differs from another side only by its seed; with
 ``--epochs N`` every side trains the same steps, and "training s" shows what each costs (probes
 are noisy on a shared machine, and a few epochs more or less move recall more than most choices):
 
@@ -92,6 +92,7 @@ SHEET = Path(__file__).resolve().parent / "icons_contact_sheet.png"
 BATCH = 128
 PROBE_LOG_EVERY = 2
 PARITY_TOLERANCE = 1e-5
+SEED = "train.seed="
 KEYS = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
 # Captions exactly as `coembed data icons` writes them; names the test theme (Papirus) has.
 QUERIES = (
@@ -122,8 +123,9 @@ class Side:
     test: dict = field(default_factory=dict)
 
     def probe_key(self) -> tuple:
-        """Sides that train the same model at the same cost share one probe."""
-        return (self.trainer, tuple(o for o in self.overrides if o.startswith("model.")))
+        """Sides that differ only by their seed train at the same cost and share one probe; any
+        other override (the model, an objective, an augmentation) can change the cost."""
+        return (self.trainer, tuple(sorted(o for o in self.overrides if not o.startswith(SEED))))
 
 
 def openclip_settings() -> dict[str, dict]:
@@ -343,6 +345,28 @@ def table(sides: list[Side], best: Side | None, coembed_side: Side) -> list[str]
     return lines
 
 
+def save_side(path: Path, side: Side, args: argparse.Namespace) -> None:
+    """One line per trained side, so that several runs of the benchmark make one table."""
+    record = {
+        "name": side.name,
+        "trainer": side.trainer,
+        "overrides": list(side.overrides),
+        "budget_s": None if args.epochs else args.budget,
+        "probe_samples_per_s": None if math.isnan(side.rate) else side.rate,
+        "epochs": side.epochs,
+        "steps": side.run["steps"],
+        "startup_s": side.run["startup_s"],
+        "training_s": side.run["wall_s"] - side.run["startup_s"],
+        "load": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "val": side.val,
+        "test": side.test,
+    }
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="a `coembed data icons` folder (default: build)")
@@ -364,6 +388,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--sheet", type=Path, default=SHEET, help="contact sheet PNG")
     parser.add_argument("--write-results", action="store_true", help="update RESULTS.md")
+    parser.add_argument(
+        "--save", type=Path, help="append each side's settings and recall to this JSON-lines file"
+    )
     args = parser.parse_args()
     if args.quick:
         args.budget, args.probe, args.no_clip_tokenizer = 45.0, 20.0, True
@@ -422,6 +449,8 @@ def main() -> int:
             side.val = bench.evaluate(side.model_dir, bench.val)
             side.test = bench.evaluate(side.model_dir, bench.test)
             load.append(os.getloadavg()[0])
+            if args.save:
+                save_side(args.save, side, args)
             print(
                 f"  {side.run['steps']} steps, wall {side.run['wall_s']:.0f} s; test R@1 "
                 f"i→t {fmt(side.test[KEYS[0]])} t→i {fmt(side.test[KEYS[3]])}; "

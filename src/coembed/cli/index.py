@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from coembed.cli.common import Command, add_device, add_json, add_keys
+from coembed.errors import UsageError
 from coembed.names import escape_name
 
 
 def add_index_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``coembed index``."""
     p.add_argument("--model", default=None, help="model directory (not needed with --add)")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--images", help="a folder of images, or a dataset file (CSV, JSONL, ...)")
     source.add_argument("--texts", help="a text file with one caption per line (a text index)")
     p.add_argument("--output", required=True, help="index directory")
@@ -21,6 +23,31 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
         "--add", action="store_true", help="add to an existing index instead of building"
     )
     p.add_argument("--kind", default="auto", help="flat, hnsw, ivfpq or auto (by size)")
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=None,
+        help="recall@10 that HNSW's efSearch or IVF-PQ's nprobe is tuned to reach, measured on "
+        "a held-out sample of the collection (default 0.95)",
+    )
+    p.add_argument(
+        "--resumable",
+        action="store_true",
+        help="embed in parts under OUTPUT/parts, so that the same command again continues a "
+        "killed run (always so under torchrun, where each rank embeds its own parts)",
+    )
+    p.add_argument(
+        "--part-size",
+        type=int,
+        default=None,
+        help="rows per part of a folder or dataset file (default 8192); a webdataset shard is "
+        "one part",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="build the index in --output from the parts embedded there (no embedding)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     add_keys(p)
     add_device(p)
@@ -28,6 +55,19 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     """Build (or ``--add`` to) an index directory and print a summary."""
+    from coembed.index.sharded import launched_by_torchrun
+    from coembed.index.shards import DEFAULT_PART_SIZE
+    from coembed.index.tune import DEFAULT_TARGET
+
+    if args.target_recall is None:
+        args.target_recall = DEFAULT_TARGET
+    if args.part_size is None:
+        args.part_size = DEFAULT_PART_SIZE
+
+    if args.merge or args.resumable or launched_by_torchrun():
+        return run_sharded(args)
+    if args.images is None and args.texts is None:
+        raise UsageError("coembed index: give --images or --texts (or --merge)")
     from coembed.index import build_index
 
     report = build_index(
@@ -41,6 +81,7 @@ def run_index(args: argparse.Namespace) -> int:
         image_key=args.image_key,
         caption_key=args.caption_key,
         device=args.device,
+        target_recall=args.target_recall,
     )
     output = escape_name(report.output)
     if report.added:
@@ -53,6 +94,7 @@ def run_index(args: argparse.Namespace) -> int:
             f"indexed {report.total} {report.modality}s into {output} "
             f"({report.kind}, dim {report.dim})"
         )
+    print_tuning(report.tuning)
     if report.skipped_new:
         print(
             f"skipped {report.skipped_new} image(s) that could not be decoded "
@@ -60,6 +102,74 @@ def run_index(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def print_tuning(tuning: dict | None) -> None:
+    if tuning is not None:
+        from coembed.index.tune import Tuning
+
+        print("search tuned: " + Tuning(**{**tuning, "trials": []}).summary())
+
+
+def run_sharded(args: argparse.Namespace) -> int:
+    """The parts path: embed in parts (every rank its own), then build from them on rank 0;
+    or, with --merge, only build."""
+    from coembed.index.sharded import build_sharded, merge_model, merge_parts
+
+    if args.add:
+        raise UsageError("--add works on one process; a sharded build embeds into a new --output")
+    if args.merge:
+        if args.images is not None or args.texts is not None:
+            raise UsageError(
+                "--merge builds from the parts already embedded: drop --images/--texts"
+            )
+        index = merge_parts(
+            Path(args.output),
+            merge_model(Path(args.output), args.model, args.device),
+            kind=args.kind,
+            target_recall=args.target_recall,
+        )
+        print_built(Path(args.output), index)
+        return 0
+    if args.model is None:
+        raise UsageError("coembed index: --model is required to embed")
+    if args.images is None and args.texts is None:
+        raise UsageError("coembed index: give --images or --texts (or --merge)")
+    report = build_sharded(
+        args.output,
+        model=args.model,
+        images=args.images,
+        texts=args.texts,
+        kind=args.kind,
+        batch_size=args.batch_size,
+        image_key=args.image_key or "filepath",
+        caption_key=args.caption_key or "caption",
+        part_size=args.part_size,
+        target_recall=args.target_recall,
+        device=args.device,
+    )
+    who = f"rank {report.rank} of {report.world}: " if report.world > 1 else ""
+    print(
+        f"{who}embedded {report.embedded} part(s) of {report.parts}"
+        + (f", {report.finished_before} finished before" if report.finished_before else "")
+    )
+    if report.index is not None:
+        print_built(report.output, report.index)
+    return 0
+
+
+def print_built(output: Path, index) -> None:
+    print(
+        f"indexed {len(index)} {index.modality}s into {escape_name(output)} "
+        f"({index.kind}, dim {index.dim})"
+    )
+    print_tuning(index.tuning)
+    if index.skipped:
+        print(
+            f"skipped {len(index.skipped)} image(s) that could not be decoded "
+            f"(listed in {escape_name(output / 'skipped.txt')})",
+            file=sys.stderr,
+        )
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:

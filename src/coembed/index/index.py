@@ -8,7 +8,7 @@ embedded again. An explicit kind is kept. Files on disk: ``coembed.index.store``
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,14 @@ from coembed.index.kinds import (
     new_faiss_index,
 )
 from coembed.index.query import Query, Term, check_images, embed_query, parse_query
+from coembed.index.tune import (
+    DEFAULT_TARGET,
+    Tuning,
+    array_blocks,
+    exact_neighbours,
+    sample_ids,
+    tune_recall,
+)
 
 if TYPE_CHECKING:
     from coembed.embedder import Embedder
@@ -55,6 +63,8 @@ class Index:
         captions: list[list[str]] | None = None,
         skipped: list[list[str]] | None = None,
         roots: list[str] | None = None,
+        tuning: dict[str, Any] | None = None,
+        target_recall: float | None = None,
         embedder: Embedder | None = None,
         model_files: Path | None = None,
         device: str = "auto",
@@ -76,6 +86,9 @@ class Index:
         # The folders the indexed image files were in (see inputs.image_roots); None for an
         # index saved before they were recorded, or built from vectors.
         self.roots = roots
+        # What the build's recall tuning chose and measured (coembed.index.tune); None: untuned.
+        self.tuning = tuning
+        self.target_recall = target_recall  # what the build tuned to, and an add tunes to again
         self._embedder = embedder
         self._model_files = model_files  # where the model's files are, to copy them on save
         self._device = device
@@ -93,8 +106,13 @@ class Index:
         captions: list[list[str]] | None = None,
         embedder: Embedder | None = None,
         progress: bool = False,
+        target_recall: float | None = DEFAULT_TARGET,
     ) -> Index:
-        """An index over given unit rows ``vectors`` (N, D) naming ``items``; no embedding."""
+        """An index over given unit rows ``vectors`` (N, D) naming ``items``; no embedding.
+
+        An approximate kind gets the efSearch or nprobe that reaches ``target_recall`` (recall@10
+        on a held-out sample of ``vectors``, see ``coembed.index.tune``); None keeps the
+        defaults of ``coembed.index.kinds``."""
         vectors = np.ascontiguousarray(vectors, np.float32)
         if vectors.ndim != 2 or len(vectors) != len(items):
             raise ValueError(f"expected (N, D) vectors for {len(items)} items, got {vectors.shape}")
@@ -102,6 +120,11 @@ class Index:
         actual = choose_kind(len(vectors)) if kind == "auto" else kind
         index, params = new_faiss_index(actual, vectors)
         add_in_chunks(index, vectors, progress)
+        tuning = None
+        if target_recall is not None:
+            tuning = tune_in_memory(index, actual, vectors, target_recall, progress)
+            if tuning is not None:
+                params[tuning.parameter] = tuning.value
         identity = store.model_identity(embedder) if embedder is not None else None
         files = Path(identity["dir"]) if identity and identity["dir"] else None
         return cls(
@@ -113,6 +136,8 @@ class Index:
             model=identity,
             params=params,
             captions=captions,
+            tuning=None if tuning is None else tuning.as_json(),
+            target_recall=target_recall,
             embedder=embedder,
             model_files=files,
         )
@@ -129,10 +154,12 @@ class Index:
         image_key: str = "filepath",
         caption_key: str = "caption",
         progress: bool = True,
+        target_recall: float | None = DEFAULT_TARGET,
     ) -> Index:
         """Embed images (a folder, a dataset file or a list of paths) or texts (a file with one
-        per line, or a list) and index them. Undecodable images are skipped and listed in
-        ``index.skipped``; raises CoembedError when nothing is left to index.
+        per line, or a list) and index them (``target_recall``: see ``from_vectors``).
+        Undecodable images are skipped and listed in ``index.skipped``; raises CoembedError when
+        nothing is left to index.
         """
         if (images is None) == (texts is None):
             raise UsageError("give exactly one of images= or texts=")
@@ -156,6 +183,7 @@ class Index:
             captions=new.captions,
             embedder=embedder,
             progress=progress,
+            target_recall=target_recall,
         )
         index.skipped = new.skipped
         index.roots = new.roots if index.modality == "image" else None
@@ -264,6 +292,18 @@ class Index:
         add_in_chunks(self.faiss, vectors, progress)
         self.items.extend(items)
         self.captions.extend(captions if captions is not None else [[] for _ in items])
+        self._retune(progress)
+
+    def _retune(self, progress: bool) -> None:
+        """After an add, tune again to the build's target (an index tuned at build time, whose
+        vectors FAISS keeps: HNSW; an IVF-PQ index keeps its setting)."""
+        if self.target_recall is None or self.kind != "hnsw":
+            return
+        vectors = self.faiss.reconstruct_n(0, len(self))  # (N, D)
+        tuning = tune_in_memory(self.faiss, self.kind, vectors, self.target_recall, progress)
+        if tuning is not None:
+            self.params[tuning.parameter] = tuning.value
+            self.tuning = tuning.as_json()
 
     # -- searching --
 
@@ -295,6 +335,8 @@ class Index:
             self.params["efSearch"] = int(ef_search)
         if nprobe is not None and self.kind == "ivfpq":
             self.params["nprobe"] = int(nprobe)
+        if ef_search is not None or nprobe is not None:
+            self.tuning = None  # set by hand: no longer what the tuning measured
         apply_search_params(self.faiss, self.kind, self.params)
 
     def search_ids(self, query: Any, k: int = 10) -> tuple[list[int], list[float]]:
@@ -348,13 +390,20 @@ class Index:
             captions=meta.get("captions"),
             skipped=meta.get("skipped", []),
             roots=manifest.get("roots"),
+            tuning=manifest.get("tuning"),
+            target_recall=manifest.get("target_recall"),
             embedder=embedder,
             model_files=copy if copy and copy.is_dir() else store.model_dir_if_same(model),
             device=device,
         )
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index into ``directory`` atomically (see ``coembed.index.store``); returns it."""
+    def save(
+        self,
+        directory: str | os.PathLike,
+        make_faiss: Callable[[Path], tuple[Any, dict[str, Any]]] | None = None,
+    ) -> Path:
+        """Write the index into ``directory`` atomically (see ``coembed.index.store``); returns
+        it. ``make_faiss``: an index built on disk as it is saved (``store.write_index_files``)."""
         root = Path(directory)
         meta = {"items": self.items, "captions": self.captions, "skipped": self.skipped}
         description = {
@@ -367,12 +416,28 @@ class Index:
             "model": self.model,
             "skipped": len(self.skipped),
             **({"roots": self.roots} if self.roots is not None else {}),
+            **({"tuning": self.tuning} if self.tuning is not None else {}),
+            "target_recall": self.target_recall,
         }
-        written = store.write_index_files(root, self.faiss, meta, description, self._model_files)
+        written = store.write_index_files(
+            root, self.faiss, meta, description, self._model_files, make_faiss
+        )
         self.model = written["model"]
         if self._model_files is not None and self.model["copy"]:
             self._model_files = root / self.model["copy"]
         return root
+
+
+def tune_in_memory(
+    faiss_index: Any, kind: str, vectors: np.ndarray, target: float, progress: bool
+) -> Tuning | None:
+    """Tune an approximate index over in-memory ``vectors`` (N, D) to ``target`` recall@10."""
+    if kind not in ("hnsw", "ivfpq") or len(vectors) <= 11:
+        return None
+    ids = sample_ids(len(vectors))
+    queries = vectors[ids]
+    exact = exact_neighbours(queries, ids, array_blocks(vectors))
+    return tune_recall(faiss_index, kind, queries, ids, exact, target, progress)
 
 
 def item_vectors(query: Query, index: Index) -> dict[str, np.ndarray]:

@@ -81,23 +81,42 @@ def pq_subquantizers(dim: int) -> int:
     return 1
 
 
-def _new_ivfpq(faiss: Any, vectors: np.ndarray) -> tuple[Any, dict[str, Any]]:
-    """An IVF-PQ index trained on a sample of ``vectors`` (N, D)."""
-    n, dim = vectors.shape
+def ivfpq_shape(n: int, dim: int) -> dict[str, int]:
+    """nlist, PQ sub-vectors and bits for ``n`` vectors of ``dim`` (see the module docstring)."""
     if n < 64:
         raise UsageError(f"--kind ivfpq needs at least 64 vectors to train on, got {n}")
     # k-means wants ~39+ points per centroid; a codebook of 2^bits centroids likewise.
     nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
     bits = 8 if n >= 256 * 39 else 4
-    m = pq_subquantizers(dim)
+    return {"nlist": nlist, "m": pq_subquantizers(dim), "bits": bits}
+
+
+def training_sample_size(n: int, shape: dict[str, int]) -> int:
+    """How many of ``n`` vectors IVF-PQ is trained on: 50 per list, 40 per PQ centroid."""
+    return min(n, max(50 * shape["nlist"], 40 * (1 << shape["bits"])))
+
+
+def trained_ivfpq(faiss: Any, sample: np.ndarray, shape: dict[str, int]) -> Any:
+    """An empty IVF-PQ index of ``shape`` trained on ``sample`` (S, D), nprobe set."""
+    dim = sample.shape[1]
     quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, bits, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFPQ(
+        quantizer, dim, shape["nlist"], shape["m"], shape["bits"], faiss.METRIC_INNER_PRODUCT
+    )
+    index.train(np.ascontiguousarray(sample, np.float32))
+    index.nprobe = min(IVF_NPROBE, shape["nlist"])
+    return index
+
+
+def _new_ivfpq(faiss: Any, vectors: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """An IVF-PQ index trained on a sample of ``vectors`` (N, D)."""
+    n, dim = vectors.shape
+    shape = ivfpq_shape(n, dim)
     rng = np.random.default_rng(0)
-    size = min(n, max(50 * nlist, 40 * (1 << bits)))
+    size = training_sample_size(n, shape)
     sample = vectors[np.sort(rng.choice(n, size, replace=False))]  # (size, D)
-    index.train(np.ascontiguousarray(sample))
-    index.nprobe = min(IVF_NPROBE, nlist)
-    return index, {"nlist": nlist, "m": m, "bits": bits, "nprobe": index.nprobe}
+    index = trained_ivfpq(faiss, sample, shape)
+    return index, {**shape, "nprobe": index.nprobe}
 
 
 def new_faiss_index(kind: str, vectors: np.ndarray) -> tuple[Any, dict[str, Any]]:

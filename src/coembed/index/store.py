@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,8 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
 SKIPPED_FILE = "skipped.txt"
-GENERATION = re.compile(r"^(index|items)-(\d{6,})\.(faiss|json)$")
+GENERATION = re.compile(r"^(index|items)-(\d{6,})\.(faiss|json|ivfdata)$")
+PARTS = "parts"  # a sharded build's embedding shards (coembed.index.shards)
 
 
 # --- model identity ------------------------------------------------------------------------------
@@ -175,9 +177,10 @@ MANIFEST_SHAPE = {
         "embed_dim": Range(int, 1),
         "copy?": (str, None),
     },
-    "files": {"faiss": str, "items": str},
+    "files": {"faiss": str, "items": str, "ivfdata?": str},
     "skipped?": Range(int, 0),
     "roots?": ([str], None),
+    "target_recall?": (Range(float, 0, 1), None),
 }
 # What an items file holds: per vector its item (image path or text) and captions; the skipped.
 ITEMS_SHAPE = {"items": [str], "captions?": ([[str]], None), "skipped?": [[str, str]]}
@@ -219,7 +222,10 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
         return f"requested_kind: {manifest['requested_kind']!r} is not one of {', '.join(KINDS)}"
     if manifest["modality"] not in ("image", "text"):
         return f"modality: {manifest['modality']!r} is not image or text"
-    for key, stem, suffix in (("faiss", "index", "faiss"), ("items", "items", "json")):
+    names = [("faiss", "index", "faiss"), ("items", "items", "json")]
+    if "ivfdata" in files:
+        names.append(("ivfdata", "index", "ivfdata"))
+    for key, stem, suffix in names:
         found = GENERATION.match(files[key])
         if not found or found.group(1) != stem or found.group(3) != suffix:
             return f"files.{key}: {files[key]!r} is not a {stem}-NNNNNN.{suffix} file of the index"
@@ -230,10 +236,14 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def read_faiss(path: Path) -> Any:
-    """The FAISS index in ``path``; IndexError_ when FAISS cannot read it."""
+def read_faiss(path: Path, on_disk: bool = False) -> Any:
+    """The FAISS index in ``path``; IndexError_ when FAISS cannot read it. ``on_disk``: its
+    inverted lists are in a ``.ivfdata`` file beside it, memory-mapped, not read into memory."""
+    faiss = import_faiss()
     try:
-        return import_faiss().read_index(str(path))
+        if on_disk:
+            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        return faiss.read_index(str(path))
     except (RuntimeError, MemoryError, ValueError):
         raise IndexError_(f"{path}: unreadable (truncated or corrupt); {REBUILD}") from None
 
@@ -269,10 +279,11 @@ def read_index_files(root: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     manifest = read_manifest(root)
     files = manifest["files"]
     faiss_path, items_path = root / files["faiss"], root / files["items"]
-    for path in (faiss_path, items_path):
+    needed = [faiss_path, items_path] + ([root / files["ivfdata"]] if "ivfdata" in files else [])
+    for path in needed:
         if not path.is_file():
             raise IndexError_(f"{path}: missing; the index directory is damaged, {REBUILD}")
-    index = read_faiss(faiss_path)
+    index = read_faiss(faiss_path, on_disk="ivfdata" in files)
     meta = read_json(items_path, IndexError_, REBUILD)
     check_shape(meta, ITEMS_SHAPE, str(items_path), IndexError_, REBUILD)
     problem = disagreement(index, meta, manifest)
@@ -290,11 +301,15 @@ def write_index_files(
     meta: dict[str, Any],
     manifest: dict[str, Any],
     model_files: Path | None,
+    make_faiss: Callable[[Path], tuple[Any, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Save one generation into ``root`` and commit it (see the module docstring).
 
     ``meta`` holds items, captions and skipped; ``manifest`` the index's description (kind,
     count, model identity...). Returns the manifest as written, its model with ``copy`` set.
+    An index whose inverted lists live on disk comes as ``make_faiss(ivfdata_path)`` instead of
+    ``faiss_index``: it writes the generation's ``.ivfdata`` file and returns the index over it
+    and what the manifest learns from building it (count, params, tuning).
     """
     with writer_lock(root):
         created = not root.exists()
@@ -304,6 +319,10 @@ def write_index_files(
         )
         copies_before = {p.name for p in root.iterdir() if p.name.startswith("model-")}
         try:
+            if make_faiss is not None:
+                ivfdata = f"index-{generation:06d}.ivfdata"
+                faiss_index, learned = make_faiss(root / ivfdata)
+                manifest = {**manifest, **learned, "ivfdata": ivfdata}
             manifest = _commit_generation(
                 root, generation, faiss_index, meta, manifest, model_files
             )
@@ -314,7 +333,8 @@ def write_index_files(
         skipped = "".join(f"{source}\t{reason}\n" for source, reason in meta["skipped"])
         atomic_write_text(root / SKIPPED_FILE, skipped)
         files = manifest["files"]
-        remove_old_files(root, keep={files["faiss"], files["items"], manifest["model"]["copy"]})
+        keep = {files["faiss"], files["items"], files.get("ivfdata"), manifest["model"]["copy"]}
+        remove_old_files(root, keep=keep)
     return manifest
 
 
@@ -332,12 +352,10 @@ def _commit_generation(
     atomic_write(root / faiss_name, lambda tmp: write_faiss(faiss, faiss_index, tmp))
     atomic_write_text(root / items_name, json.dumps(meta, ensure_ascii=False))
     model = {**manifest["model"], "copy": copy_model(model_files, root, manifest["model"])}
-    manifest = {
-        **manifest,
-        "format_version": FORMAT_VERSION,
-        "model": model,
-        "files": {"faiss": faiss_name, "items": items_name},
-    }
+    files = {"faiss": faiss_name, "items": items_name}
+    if "ivfdata" in manifest:
+        files["ivfdata"] = manifest.pop("ivfdata")
+    manifest = {**manifest, "format_version": FORMAT_VERSION, "model": model, "files": files}
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))  # commit
     return manifest
 
@@ -361,7 +379,7 @@ def _remove_uncommitted(
         committed = False
     if committed:  # interrupted just after the commit: the new generation is the index now
         return
-    for name in (faiss_name, f"items-{generation:06d}.json"):
+    for name in (faiss_name, f"items-{generation:06d}.json", f"index-{generation:06d}.ivfdata"):
         (root / name).unlink(missing_ok=True)
     for path in root.iterdir():
         if path.name.startswith("model-") and path.name not in copies_before:
@@ -397,7 +415,7 @@ def foreign_entries(root: Path) -> list[str]:
     the leftovers of a first build killed before its commit."""
     if not root.is_dir():
         return []
-    own = (MANIFEST, SKIPPED_FILE)
+    own = (MANIFEST, SKIPPED_FILE, PARTS)
     return sorted(
         p.name
         for p in root.iterdir()

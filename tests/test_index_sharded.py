@@ -1,0 +1,312 @@
+"""Sharded, resumable indexing (`torchrun ... -m coembed index`, `--resumable`, `--merge`), the
+on-disk IVF-PQ build and recall tuned to a target.
+
+Two gloo processes on the CPU embed disjoint parts; the index they build must hold the same
+items, vectors (to 1e-6) and search results as a one-process build, also after one rank is
+SIGKILLed mid-run and the same command is run again (which must embed only the parts left).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coembed.index import Index
+from coembed.index.tune import K, array_blocks, exact_neighbours, recall_at_k
+from tests.helpers import REPO, assert_one_line_error, ok, run_cli, write_csv
+
+TOLERANCE = 1e-6  # vectors and scores: one process vs two (the same batches, the same kernels)
+
+# torchrun runs this script in each rank: `coembed` itself, but every rename into WATCH is
+# announced on stderr with the rank's pid and followed by a pause, so the test can SIGKILL a
+# rank after it finished some parts and before it finished all.
+RANK_SCRIPT = r"""
+import os, sys, time
+watch, pause = os.path.abspath(sys.argv[1]), float(sys.argv[2])
+real = os.replace
+
+def replace(src, dst, *args, **kwargs):
+    real(src, dst, *args, **kwargs)
+    dst = os.fspath(dst)
+    if os.path.abspath(dst).startswith(watch) and dst.endswith(".json"):
+        sys.__stderr__.write(f"@@ {os.getpid()} {os.path.basename(dst)}\n")
+        sys.__stderr__.flush()
+        time.sleep(pause)
+
+os.replace = replace
+from coembed.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def torchrun_command(*args: str, script: Path | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [*cmd, str(script)] if script else [*cmd, "-m", "coembed"]
+
+
+def env() -> dict:
+    return {
+        **os.environ,
+        "COEMBED_NO_PROGRESS": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO / "src"),
+    }
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*torchrun_command(), *args], capture_output=True, text=True, env=env(), timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model, 37 images in a CSV (one given twice, one corrupt) and its one-process
+    index (flat: exact)."""
+    from PIL import Image
+
+    from coembed.checkpoint import save_model_dir
+    from coembed.tokenizer import Tokenizer
+    from tests.helpers import tiny_clip_model
+
+    root = tmp_path_factory.mktemp("sharded")
+    model = save_model_dir(tiny_clip_model(), Tokenizer.clip(context_length=16), root / "model")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(35):
+        pixels = rng.integers(0, 255, (24 + i % 5, 32, 3), dtype=np.uint8)
+        path = root / "images" / f"img{i:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        rows.append((str(path), f"picture number {i}"))
+    (root / "images" / "broken.png").write_bytes(b"not a png")
+    rows.insert(9, (str(root / "images" / "broken.png"), "a broken file"))
+    rows.append(rows[3])  # given twice: indexed once
+    data = write_csv(root / "data.csv", rows)
+    one = root / "one"
+    ok(run_cli("index", "--model", str(model), "--images", str(data), "--output", str(one),
+               "--kind", "flat", "--device", "cpu"))  # fmt: skip
+    return {"root": root, "model": model, "data": data, "one": one}
+
+
+def assert_same_index(a: Path, b: Path) -> None:
+    """Same items, captions and skipped images; vectors and search results within TOLERANCE."""
+    x, y = Index.load(a, device="cpu"), Index.load(b, device="cpu")
+    assert x.items == y.items and x.captions == y.captions
+    assert sorted(map(tuple, x.skipped)) == sorted(map(tuple, y.skipped))
+    vx, vy = x.faiss.reconstruct_n(0, len(x)), y.faiss.reconstruct_n(0, len(y))
+    assert np.abs(vx - vy).max() <= TOLERANCE
+    # Every item's score for a query, by item: ranks may swap only between ties (a random tiny
+    # model embeds random images alike, so scores differ in the 7th digit).
+    for q in vx[::5]:
+        scores = []
+        for index in (x, y):
+            ids, found = index.search_ids(q, len(index))
+            by_item = np.empty(len(index))
+            by_item[ids] = found
+            scores.append(by_item)
+        assert np.abs(scores[0] - scores[1]).max() <= TOLERANCE
+
+
+def test_two_ranks_build_what_one_process_builds(collection):
+    out = collection["root"] / "two"
+    done = torchrun(
+        "index", "--model", str(collection["model"]), "--images", str(collection["data"]),
+        "--output", str(out), "--kind", "flat", "--part-size", "8", "--device", "cpu",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 of 2: embedded 3 part(s) of 5" in done.stdout
+    assert "rank 1 of 2: embedded 2 part(s) of 5" in done.stdout
+    assert "indexed 35 images" in done.stdout
+    assert_same_index(collection["one"], out)
+    assert len(list((out / "parts").glob("part-*.npy"))) == 5
+    # --merge builds it again from the parts alone, with the model the parts recorded.
+    again = run_cli("index", "--merge", "--output", str(out), "--kind", "flat", "--device", "cpu")
+    assert again.returncode == 0, again.stderr
+    assert_same_index(collection["one"], out)
+
+
+def test_a_killed_rank_and_the_restart_redo_only_unfinished_parts(collection, tmp_path):
+    out = tmp_path / "killed"
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    args = [
+        "index", "--model", str(collection["model"]), "--images", str(collection["data"]),
+        "--output", str(out), "--kind", "flat", "--part-size", "4", "--device", "cpu",
+    ]  # fmt: skip
+    cmd = [*torchrun_command(script=script), str(out / "parts"), "0.5", *args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    )
+    killed = None
+    for line in proc.stderr:
+        if line.startswith("@@ ") and "part-000003" in line:  # rank 1's second part
+            killed = int(line.split()[1])
+            os.kill(killed, signal.SIGKILL)
+            break
+    proc.communicate(timeout=300)
+    assert killed is not None and proc.returncode != 0
+    assert not (out / "index.json").exists()
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("part-*.json")}
+    assert "part-000001.json" in finished and "part-000003.json" in finished
+    parts = json.loads((out / "parts" / "plan.json").read_text())["parts"]
+    assert parts == 9  # 36 distinct images in parts of 4
+    assert len(finished) < parts  # something was left to do
+
+    done = torchrun(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "finished before" in done.stdout
+    for name, mtime in finished.items():  # not embedded again
+        assert (out / "parts" / name).stat().st_mtime_ns == mtime
+    assert len(list((out / "parts").glob("part-*.json"))) == parts
+    assert not list((out / "parts").glob(".*.tmp"))
+    assert_same_index(collection["one"], out)
+
+
+def test_a_restart_with_other_inputs_or_model_is_refused(collection, tmp_path):
+    out = tmp_path / "resumable"
+    base = ["index", "--model", str(collection["model"]), "--output", str(out),
+            "--resumable", "--part-size", "8", "--device", "cpu"]  # fmt: skip
+    ok(run_cli(*base, "--images", str(collection["data"]), "--kind", "flat"))
+    assert_same_index(collection["one"], out)
+    other = write_csv(tmp_path / "other.csv", [(str(p), "x") for p in
+                                                sorted((collection["root"] / "images").glob("img00*.png"))])  # fmt: skip
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    refused = run_cli(*base, "--images", str(other))
+    assert_one_line_error(refused, 2, "other inputs")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    # The parts are not a place to put other files: --merge of a folder without parts is refused.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(
+        run_cli("index", "--merge", "--output", str(empty)), None, "no embedding parts"
+    )
+
+
+def test_sharded_text_index(collection, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"caption {i}" for i in range(30)) + "\ncaption 3\n")
+    one, parts = tmp_path / "one", tmp_path / "parts"
+    common = ["--model", str(collection["model"]), "--texts", str(texts), "--kind", "flat",
+              "--device", "cpu"]  # fmt: skip
+    ok(run_cli("index", *common, "--output", str(one)))
+    ok(run_cli("index", *common, "--output", str(parts), "--resumable", "--part-size", "7"))
+    assert_same_index(one, parts)
+    assert len(Index.load(parts, device="cpu")) == 30
+
+
+def islands(n: int, dim: int, seed: int, clusters: int = 200, rank: int = 4) -> np.ndarray:
+    """Unit rows in well-separated clusters, each spread along a few directions of its own: a
+    hard case for HNSW's graph and for IVF's lists."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    bases = rng.normal(size=(clusters, rank, dim)).astype(np.float32) / np.sqrt(rank)
+    which = rng.integers(0, clusters, n)
+    z = rng.normal(size=(n, rank)).astype(np.float32)
+    out = centres[which] + np.einsum("nr,nrd->nd", z, bases[which])
+    out += 0.05 * rng.normal(size=(n, dim)).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def fresh_recall(index, vectors: np.ndarray, seed: int = 7) -> float:
+    """recall@10 on 300 stored vectors other than those the tuning held out."""
+    ids = np.random.default_rng(seed).choice(len(vectors), 300, replace=False)
+    ids = np.sort(ids)
+    exact = exact_neighbours(vectors[ids], ids, array_blocks(vectors))
+    _, found = index.search(vectors[ids], K + 1)
+    return recall_at_k(found, exact, ids)
+
+
+@pytest.mark.parametrize("target", [0.9, 0.97])
+def test_hnsw_is_tuned_to_the_target_recall(target):
+    vectors = islands(30_000, 32, seed=1)
+    index = Index.from_vectors(vectors, [str(i) for i in range(len(vectors))], "hnsw",
+                               target_recall=target)  # fmt: skip
+    tuning = index.tuning
+    assert tuning["parameter"] == "efSearch" and tuning["reached"]
+    assert tuning["recall"] >= target and index.params["efSearch"] == tuning["value"]
+    assert index.faiss.hnsw.efSearch == tuning["value"]
+    # the cheapest setting that reaches it: the one before it fell short
+    trials = tuning["trials"]
+    assert all(t["recall"] < target for t in trials[:-1])
+    # measured again on other queries, it holds within the sample's error (~0.01)
+    assert fresh_recall(index.faiss, vectors) >= target - 0.02
+
+
+def test_an_unreachable_target_keeps_the_largest_setting_and_says_so():
+    vectors = islands(2_000, 16, seed=2)
+    index = Index.from_vectors(vectors, [str(i) for i in range(len(vectors))], "ivfpq",
+                               target_recall=1.0)  # fmt: skip
+    tuning = index.tuning
+    # PQ codes are approximate: even probing every list, some neighbours are out of order
+    assert tuning["parameter"] == "nprobe" and tuning["value"] == index.faiss.nlist
+    assert not tuning["reached"] and tuning["recall"] < 1.0
+
+
+def test_tuning_is_saved_and_an_add_tunes_again(tmp_path):
+    vectors = islands(12_000, 32, seed=3)
+    index = Index.from_vectors(vectors[:10_000], [str(i) for i in range(10_000)], "hnsw",
+                               target_recall=0.95)  # fmt: skip
+    index.save(tmp_path / "idx")
+    manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert manifest["tuning"]["value"] == manifest["params"]["efSearch"] == index.tuning["value"]
+    assert manifest["target_recall"] == 0.95
+    loaded = Index.load(tmp_path / "idx")
+    assert loaded.faiss.hnsw.efSearch == index.tuning["value"]
+    loaded.add_vectors(vectors[10_000:], [str(i) for i in range(10_000, 12_000)])
+    assert loaded.tuning["recall"] >= 0.95 and loaded.tuning["sample"] == 1000
+    # set by hand, the setting is no longer the tuning's
+    loaded.set_search_params(ef_search=500)
+    assert loaded.tuning is None
+
+
+def test_ivfpq_merged_on_disk_from_parts(collection, tmp_path):
+    """Parts of random vectors (as ranks would write them) -> IVF-PQ trained on a sample, its
+    lists in an .ivfdata file, memory-mapped when loaded; searched through the command line."""
+    import coembed.index.shards as shards
+    from coembed.embedder import load
+    from coembed.index.sharded import merge_parts
+    from coembed.index.store import model_identity
+
+    embedder = load(collection["model"], device="cpu")
+    vectors = islands(24_000, embedder.dim, seed=4)
+    out = tmp_path / "ondisk"
+    plan = shards.Plan("text", sources=[], names=[f"t{i}" for i in range(24_000)], part_size=5_000)
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "plan.json").write_text(
+        json.dumps(shards.plan_record(plan, model_identity(embedder)))
+    )
+    for number in range(plan.count):
+        rows = slice(number * 5_000, (number + 1) * 5_000)
+        names = plan.names[rows]
+        shards.write_part(
+            out,
+            number,
+            vectors[rows],
+            {"items": names, "captions": [[] for _ in names], "skipped": [], "roots": []},
+        )
+    index = merge_parts(out, embedder, kind="ivfpq", target_recall=0.9, progress=False)
+    manifest = json.loads((out / "index.json").read_text())
+    assert manifest["files"]["ivfdata"].endswith(".ivfdata") and manifest["count"] == 24_000
+    assert (out / manifest["files"]["ivfdata"]).stat().st_size > 24_000 * 8  # codes and ids
+    assert (out / manifest["files"]["faiss"]).stat().st_size < (
+        out / manifest["files"]["ivfdata"]
+    ).stat().st_size
+    from coembed.index.kinds import import_faiss
+
+    faiss = import_faiss()
+    lists = faiss.extract_index_ivf(index.faiss).invlists
+    assert "OnDisk" in type(faiss.downcast_InvertedLists(lists)).__name__
+    assert index.tuning["reached"] and index.params["nprobe"] == index.tuning["value"]
+    assert fresh_recall(index.faiss, vectors) >= 0.88
+    assert index.items[:3] == ["t0", "t1", "t2"]
+    found = run_cli("search", "--index", str(out), "--json", "--device", "cpu", "a query")
+    assert found.returncode == 0, found.stderr
+    assert len(json.loads(found.stdout)["results"]) == 10
