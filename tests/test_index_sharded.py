@@ -310,3 +310,24 @@ def test_ivfpq_merged_on_disk_from_parts(collection, tmp_path):
     found = run_cli("search", "--index", str(out), "--json", "--device", "cpu", "a query")
     assert found.returncode == 0, found.stderr
     assert len(json.loads(found.stdout)["results"]) == 10
+
+
+def test_auto_routes_through_ivf_when_hnsw_falls_short(monkeypatch):
+    """When HNSW's tuning cannot reach the target (here its efSearch is capped at 24 so that it
+    cannot, as on the islands data at 1M), auto builds IVF-Flat too, tunes its nprobe and keeps
+    it for reaching the target; items read back as from HNSW."""
+    import coembed.index.tune as tune
+
+    monkeypatch.setattr(tune, "EF_SEARCH", (16,))  # recall@10 ~0.92 on these vectors
+    vectors = islands(60_000, 128, seed=5, clusters=300, rank=8)  # auto: HNSW at this size
+    index = Index.from_vectors(vectors, [str(i) for i in range(len(vectors))], "auto",
+                               target_recall=0.99)  # fmt: skip
+    assert index.kind == "ivfflat" and index.tuning["parameter"] == "nprobe"
+    assert index.tuning["reached"] and index.params["nprobe"] == index.tuning["value"]
+    assert fresh_recall(index.faiss, vectors) >= 0.97
+    assert np.allclose(index.faiss.reconstruct(5), vectors[5], atol=1e-6)
+    # and when HNSW reaches it at a modest efSearch, HNSW stays
+    monkeypatch.setattr(tune, "EF_SEARCH", (16, 32, 64, 128, 256, 512, 1024, 2048))
+    kept = Index.from_vectors(vectors, [str(i) for i in range(len(vectors))], "auto",
+                              target_recall=0.95)  # fmt: skip
+    assert kept.kind == "hnsw" and kept.tuning["value"] <= tune.ROUTING_EF

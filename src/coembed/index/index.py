@@ -24,6 +24,7 @@ from coembed.index.inputs import (
     merge_roots,
 )
 from coembed.index.kinds import (
+    IVF_KINDS,
     KINDS,
     add_in_chunks,
     apply_search_params,
@@ -118,13 +119,12 @@ class Index:
             raise ValueError(f"expected (N, D) vectors for {len(items)} items, got {vectors.shape}")
         check_kind(kind)
         actual = choose_kind(len(vectors)) if kind == "auto" else kind
-        index, params = new_faiss_index(actual, vectors)
-        add_in_chunks(index, vectors, progress)
-        tuning = None
-        if target_recall is not None:
-            tuning = tune_in_memory(index, actual, vectors, target_recall, progress)
-            if tuning is not None:
-                params[tuning.parameter] = tuning.value
+        index, params, tuning = built_and_tuned(actual, vectors, target_recall, progress)
+        if kind == "auto" and tuning is not None and tuning.needs_routing():
+            # HNSW's graph may not link well-separated clusters: IVF routes to them first.
+            other = built_and_tuned("ivfflat", vectors, target_recall, progress)
+            if other[2].beats(tuning):
+                actual, (index, params, tuning) = "ivfflat", other
         identity = store.model_identity(embedder) if embedder is not None else None
         files = Path(identity["dir"]) if identity and identity["dir"] else None
         return cls(
@@ -283,7 +283,7 @@ class Index:
         if not len(vectors):
             return
         wanted = choose_kind(len(self) + len(vectors))
-        if self.requested_kind == "auto" and wanted != self.kind and self.kind != "ivfpq":
+        if self.requested_kind == "auto" and wanted != self.kind and self.kind in ("flat", "hnsw"):
             # Flat and HNSW keep the raw vectors, so moving up is a re-add, not a re-embed.
             old = self.faiss.reconstruct_n(0, len(self))  # (len(self), D)
             self.faiss, self.params = new_faiss_index(wanted, np.concatenate([old, vectors]))
@@ -329,11 +329,12 @@ class Index:
         return self.embedder.embed_images([query])[:1]
 
     def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
-        """Trade speed for recall: HNSW's ``efSearch`` (default 128) or IVF-PQ's ``nprobe``
-        (default 32); saved with the index. Flat search is exact and has neither."""
+        """Trade speed for recall by hand: HNSW's ``efSearch`` or an IVF index's ``nprobe`` (a
+        build tunes them to its target recall); saved with the index. Flat search is exact and
+        has neither."""
         if ef_search is not None and self.kind == "hnsw":
             self.params["efSearch"] = int(ef_search)
-        if nprobe is not None and self.kind == "ivfpq":
+        if nprobe is not None and self.kind in IVF_KINDS:
             self.params["nprobe"] = int(nprobe)
         if ef_search is not None or nprobe is not None:
             self.tuning = None  # set by hand: no longer what the tuning measured
@@ -428,11 +429,26 @@ class Index:
         return root
 
 
+def built_and_tuned(
+    kind: str, vectors: np.ndarray, target: float | None, progress: bool
+) -> tuple[Any, dict[str, Any], Tuning | None]:
+    """A FAISS index of ``kind`` over ``vectors`` (N, D), its parameters, and its tuning to
+    ``target`` recall@10 (None: untuned, for an exact index or no target)."""
+    index, params = new_faiss_index(kind, vectors)
+    add_in_chunks(index, vectors, progress)
+    tuning = None
+    if target is not None:
+        tuning = tune_in_memory(index, kind, vectors, target, progress)
+        if tuning is not None:
+            params[tuning.parameter] = tuning.value
+    return index, params, tuning
+
+
 def tune_in_memory(
     faiss_index: Any, kind: str, vectors: np.ndarray, target: float, progress: bool
 ) -> Tuning | None:
     """Tune an approximate index over in-memory ``vectors`` (N, D) to ``target`` recall@10."""
-    if kind not in ("hnsw", "ivfpq") or len(vectors) <= 11:
+    if kind not in ("hnsw", *IVF_KINDS) or len(vectors) <= 11:
         return None
     ids = sample_ids(len(vectors))
     queries = vectors[ids]

@@ -11,6 +11,12 @@ N >= 5,000,000     ``ivfpq`` (IVF + PQ, IP)    HNSW keeps every float (5M x 256 
                                                nlist ~ 4 sqrt(N), nprobe 32, trained on a sample
 =================  ==========================  ==============================================
 
+``ivfflat`` (IVF over the float vectors) is not chosen by size: ``auto`` builds it beside HNSW
+when HNSW cannot reach the target recall, or only at an efSearch above 512 (a collection of
+well-separated clusters, which HNSW's graph barely links), and keeps whichever reaches it
+faster (``coembed.index.tune``). The search setting of every approximate kind is tuned at build
+time; the efSearch and nprobe above are what an untuned index uses.
+
 Vectors are unit rows, so inner product is cosine similarity.
 """
 
@@ -25,9 +31,15 @@ import numpy as np
 from coembed.errors import UsageError
 from coembed.progress import progress_bar
 
-KINDS = ("auto", "flat", "hnsw", "ivfpq")
+KINDS = ("auto", "flat", "hnsw", "ivfflat", "ivfpq")
+IVF_KINDS = ("ivfflat", "ivfpq")  # searched with nprobe
 # The FAISS class each built kind is (``new_faiss_index``), to check a file read back.
-FAISS_CLASSES = {"flat": "IndexFlatIP", "hnsw": "IndexHNSWFlat", "ivfpq": "IndexIVFPQ"}
+FAISS_CLASSES = {
+    "flat": "IndexFlatIP",
+    "hnsw": "IndexHNSWFlat",
+    "ivfflat": "IndexIVFFlat",
+    "ivfpq": "IndexIVFPQ",
+}
 FLAT_MAX = 50_000  # below this, exact search
 HNSW_MAX = 5_000_000  # below this, HNSW; above, IVF-PQ
 HNSW_M = 32
@@ -84,7 +96,7 @@ def pq_subquantizers(dim: int) -> int:
 def ivfpq_shape(n: int, dim: int) -> dict[str, int]:
     """nlist, PQ sub-vectors and bits for ``n`` vectors of ``dim`` (see the module docstring)."""
     if n < 64:
-        raise UsageError(f"--kind ivfpq needs at least 64 vectors to train on, got {n}")
+        raise UsageError(f"an IVF index needs at least 64 vectors to train on, got {n}")
     # k-means wants ~39+ points per centroid; a codebook of 2^bits centroids likewise.
     nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
     bits = 8 if n >= 256 * 39 else 4
@@ -108,14 +120,29 @@ def trained_ivfpq(faiss: Any, sample: np.ndarray, shape: dict[str, int]) -> Any:
     return index
 
 
+def _training_sample(vectors: np.ndarray, size: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return vectors[np.sort(rng.choice(len(vectors), size, replace=False))]  # (size, D)
+
+
+def _new_ivfflat(faiss: Any, vectors: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """IVF over the float vectors themselves (no compression), trained on a sample: routed to
+    its nearest lists first, a query reaches well-separated clusters that HNSW's graph may not
+    link. Ids map back to vectors, so items can be read back as HNSW's can."""
+    n, dim = vectors.shape
+    nlist = ivfpq_shape(n, dim)["nlist"]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(_training_sample(vectors, min(n, 50 * nlist)), np.float32))
+    index.make_direct_map()
+    index.nprobe = min(IVF_NPROBE, nlist)
+    return index, {"nlist": nlist, "nprobe": index.nprobe}
+
+
 def _new_ivfpq(faiss: Any, vectors: np.ndarray) -> tuple[Any, dict[str, Any]]:
     """An IVF-PQ index trained on a sample of ``vectors`` (N, D)."""
     n, dim = vectors.shape
     shape = ivfpq_shape(n, dim)
-    rng = np.random.default_rng(0)
-    size = training_sample_size(n, shape)
-    sample = vectors[np.sort(rng.choice(n, size, replace=False))]  # (size, D)
-    index = trained_ivfpq(faiss, sample, shape)
+    index = trained_ivfpq(faiss, _training_sample(vectors, training_sample_size(n, shape)), shape)
     return index, {**shape, "nprobe": index.nprobe}
 
 
@@ -134,6 +161,8 @@ def new_faiss_index(kind: str, vectors: np.ndarray) -> tuple[Any, dict[str, Any]
         return index, params
     if kind == "ivfpq":
         return _new_ivfpq(faiss, vectors)
+    if kind == "ivfflat":
+        return _new_ivfflat(faiss, vectors)
     raise UsageError(f"unknown index kind {kind!r} (one of {', '.join(KINDS)})")
 
 
@@ -141,7 +170,7 @@ def apply_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
     """Search-time settings are not all stored by FAISS itself; restore them after loading."""
     if kind == "hnsw":
         index.hnsw.efSearch = int(params.get("efSearch", HNSW_EF_SEARCH))
-    elif kind == "ivfpq":
+    elif kind in IVF_KINDS:
         index.nprobe = int(params.get("nprobe", IVF_NPROBE))
 
 

@@ -31,6 +31,7 @@ K = 10
 EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 NPROBE = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
 BLOCK = 65_536  # vectors per block of the exact scan
+ROUTING_EF = 512  # above this efSearch, `auto` also tries IVF-Flat and keeps the faster
 
 
 @dataclass
@@ -57,6 +58,17 @@ class Tuning:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def needs_routing(self) -> bool:
+        """An HNSW graph that reaches the target only at a high efSearch, or not at all: the
+        collection's clusters are far apart, and an IVF index may serve it better."""
+        return self.parameter == "efSearch" and (not self.reached or self.value > ROUTING_EF)
+
+    def beats(self, other: Tuning) -> bool:
+        """Reaches the target faster than ``other``, or comes closer when neither does."""
+        if self.reached != other.reached:
+            return self.reached
+        return self.p50_ms < other.p50_ms if self.reached else self.recall > other.recall
 
     def summary(self) -> str:
         """One line for the command's output."""
@@ -144,7 +156,7 @@ def tune_recall(
 
         def setter(v: int) -> None:
             faiss_index.hnsw.efSearch = v
-    elif kind == "ivfpq":
+    elif kind in ("ivfflat", "ivfpq"):
         name = "nprobe"
         candidates = tuple(v for v in NPROBE if v < faiss_index.nlist) + (faiss_index.nlist,)
 
