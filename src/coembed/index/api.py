@@ -88,6 +88,11 @@ def _add_to_index(
     reloaded if another writer committed meanwhile, added to and saved.
     """
     files = store.read_manifest(out).get("files")
+    if "ivfdata" in files:
+        raise UsageError(
+            f"--add: {out} keeps its lists on disk (built from embedding parts); build it again "
+            "from all the inputs (torchrun ... -m coembed index, or --resumable)"
+        )
     index = Index.load(out, embedder=embedder, device=device)
     if kind not in ("auto", index.kind):
         raise UsageError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from coembed.index.kinds import (
     new_faiss_index,
 )
 from coembed.index.query import Query, Term, check_images, embed_query, parse_query
+from coembed.index.rerank import RERANK_DTYPE, Reranked
 from coembed.index.tune import (
     DEFAULT_TARGET,
     Tuning,
@@ -66,6 +68,7 @@ class Index:
         roots: list[str] | None = None,
         tuning: dict[str, Any] | None = None,
         target_recall: float | None = None,
+        rerank: np.ndarray | None = None,
         embedder: Embedder | None = None,
         model_files: Path | None = None,
         device: str = "auto",
@@ -90,6 +93,8 @@ class Index:
         # What the build's recall tuning chose and measured (coembed.index.tune); None: untuned.
         self.tuning = tuning
         self.target_recall = target_recall  # what the build tuned to, and an add tunes to again
+        # IVF-PQ: the vectors (N, D) float32 its candidates are re-scored with (coembed.index.rerank)
+        self.rerank = rerank
         self._embedder = embedder
         self._model_files = model_files  # where the model's files are, to copy them on save
         self._device = device
@@ -119,12 +124,13 @@ class Index:
             raise ValueError(f"expected (N, D) vectors for {len(items)} items, got {vectors.shape}")
         check_kind(kind)
         actual = choose_kind(len(vectors)) if kind == "auto" else kind
-        index, params, tuning = built_and_tuned(actual, vectors, target_recall, progress)
-        if kind == "auto" and tuning is not None and tuning.needs_routing():
+        built = built_and_tuned(actual, vectors, target_recall, progress)
+        if kind == "auto" and built.tuning is not None and built.tuning.needs_routing():
             # HNSW's graph may not link well-separated clusters: IVF routes to them first.
             other = built_and_tuned("ivfflat", vectors, target_recall, progress)
-            if other[2].beats(tuning):
-                actual, (index, params, tuning) = "ivfflat", other
+            if other.tuning.beats(built.tuning):
+                actual, built = "ivfflat", other
+        index, params, tuning = built.faiss, built.params, built.tuning
         identity = store.model_identity(embedder) if embedder is not None else None
         files = Path(identity["dir"]) if identity and identity["dir"] else None
         return cls(
@@ -138,6 +144,7 @@ class Index:
             captions=captions,
             tuning=None if tuning is None else tuning.as_json(),
             target_recall=target_recall,
+            rerank=built.rerank,
             embedder=embedder,
             model_files=files,
         )
@@ -290,6 +297,8 @@ class Index:
             self.kind = wanted
             add_in_chunks(self.faiss, old, progress)
         add_in_chunks(self.faiss, vectors, progress)
+        if self.rerank is not None:
+            self.rerank = np.concatenate([self.rerank, np.array(vectors, RERANK_DTYPE)])
         self.items.extend(items)
         self.captions.extend(captions if captions is not None else [[] for _ in items])
         self._retune(progress)
@@ -340,11 +349,16 @@ class Index:
             self.tuning = None  # set by hand: no longer what the tuning measured
         apply_search_params(self.faiss, self.kind, self.params)
 
+    @property
+    def searcher(self) -> Any:
+        """What answers a search: FAISS, or FAISS re-ranked with the stored vectors (IVF-PQ)."""
+        return self.faiss if self.rerank is None else Reranked(self.faiss, self.rerank)
+
     def search_ids(self, query: Any, k: int = 10) -> tuple[list[int], list[float]]:
         """Ids and scores of the ``k`` nearest items, best first."""
         # FAISS allocates (1, k) results up front: --k 10**12 must not ask for terabytes.
         k = max(1, min(int(k), len(self)))
-        scores, ids = self.faiss.search(self.query_vector(query), k)  # (1, k) each
+        scores, ids = self.searcher.search(self.query_vector(query), k)  # (1, k) each
         ids_list = ids[0].tolist()
         # FAISS pads with -1 when fewer than k results exist.
         n = ids_list.index(-1) if -1 in ids_list else len(ids_list)
@@ -393,6 +407,7 @@ class Index:
             roots=manifest.get("roots"),
             tuning=manifest.get("tuning"),
             target_recall=manifest.get("target_recall"),
+            rerank=meta.get("vectors"),
             embedder=embedder,
             model_files=copy if copy and copy.is_dir() else store.model_dir_if_same(model),
             device=device,
@@ -402,9 +417,11 @@ class Index:
         self,
         directory: str | os.PathLike,
         make_faiss: Callable[[Path], tuple[Any, dict[str, Any]]] | None = None,
+        rerank: Callable[[Path], None] | None = None,
     ) -> Path:
         """Write the index into ``directory`` atomically (see ``coembed.index.store``); returns
-        it. ``make_faiss``: an index built on disk as it is saved (``store.write_index_files``)."""
+        it. ``make_faiss`` and ``rerank``: an index built on disk as it is saved, and the
+        writer of its re-ranking vectors (``store.write_index_files``)."""
         root = Path(directory)
         meta = {"items": self.items, "captions": self.captions, "skipped": self.skipped}
         description = {
@@ -421,7 +438,13 @@ class Index:
             "target_recall": self.target_recall,
         }
         written = store.write_index_files(
-            root, self.faiss, meta, description, self._model_files, make_faiss
+            root,
+            self.faiss,
+            meta,
+            description,
+            self._model_files,
+            make_faiss,
+            rerank if rerank is not None else self.rerank,
         )
         self.model = written["model"]
         if self._model_files is not None and self.model["copy"]:
@@ -429,31 +452,47 @@ class Index:
         return root
 
 
-def built_and_tuned(
-    kind: str, vectors: np.ndarray, target: float | None, progress: bool
-) -> tuple[Any, dict[str, Any], Tuning | None]:
-    """A FAISS index of ``kind`` over ``vectors`` (N, D), its parameters, and its tuning to
-    ``target`` recall@10 (None: untuned, for an exact index or no target)."""
+@dataclass
+class Built:
+    """A FAISS index just built: its parameters, tuning and re-ranking vectors (IVF-PQ)."""
+
+    faiss: Any
+    params: dict[str, Any]
+    tuning: Tuning | None
+    rerank: np.ndarray | None
+
+
+def built_and_tuned(kind: str, vectors: np.ndarray, target: float | None, progress: bool) -> Built:
+    """A FAISS index of ``kind`` over ``vectors`` (N, D), tuned to ``target`` recall@10 (None:
+    untuned, for an exact index or no target); IVF-PQ keeps the vectors to re-rank with."""
     index, params = new_faiss_index(kind, vectors)
     add_in_chunks(index, vectors, progress)
+    rerank = np.array(vectors, RERANK_DTYPE) if kind == "ivfpq" else None
     tuning = None
     if target is not None:
-        tuning = tune_in_memory(index, kind, vectors, target, progress)
+        tuning = tune_in_memory(index, kind, vectors, target, progress, rerank)
         if tuning is not None:
             params[tuning.parameter] = tuning.value
-    return index, params, tuning
+    return Built(index, params, tuning, rerank)
 
 
 def tune_in_memory(
-    faiss_index: Any, kind: str, vectors: np.ndarray, target: float, progress: bool
+    faiss_index: Any,
+    kind: str,
+    vectors: np.ndarray,
+    target: float,
+    progress: bool,
+    rerank: np.ndarray | None = None,
 ) -> Tuning | None:
-    """Tune an approximate index over in-memory ``vectors`` (N, D) to ``target`` recall@10."""
+    """Tune an approximate index over in-memory ``vectors`` (N, D) to ``target`` recall@10
+    (searched as the index is: re-ranked with ``rerank`` when it has them)."""
     if kind not in ("hnsw", *IVF_KINDS) or len(vectors) <= 11:
         return None
     ids = sample_ids(len(vectors))
     queries = vectors[ids]
     exact = exact_neighbours(queries, ids, array_blocks(vectors))
-    return tune_recall(faiss_index, kind, queries, ids, exact, target, progress)
+    searcher = None if rerank is None else Reranked(faiss_index, rerank)
+    return tune_recall(faiss_index, kind, queries, ids, exact, target, progress, searcher)
 
 
 def item_vectors(query: Query, index: Index) -> dict[str, np.ndarray]:

@@ -22,8 +22,11 @@ Vectors are unit rows, so inner product is cosine similarity.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -70,6 +73,25 @@ def import_faiss() -> Any:
         if unset:
             del os.environ["OMP_WAIT_POLICY"]
     return faiss
+
+
+@contextlib.contextmanager
+def faiss_quiet() -> Iterator[None]:
+    """Silence what FAISS prints on C's stdout while it works with on-disk inverted lists
+    ("resizing ...", "updating ondisk filename ..."): it would mix into a command's own output
+    (``coembed search --json``). Its buffer is flushed before stdout comes back."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            try:
+                yield
+            finally:
+                ctypes.CDLL(None).fflush(None)
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
 
 
 def check_kind(kind: str) -> None:

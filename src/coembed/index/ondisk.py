@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from coembed.index.kinds import import_faiss, ivfpq_shape, trained_ivfpq, training_sample_size
+from coembed.index.kinds import (
+    faiss_quiet,
+    import_faiss,
+    ivfpq_shape,
+    trained_ivfpq,
+    training_sample_size,
+)
 from coembed.progress import progress_bar
 
 Blocks = Callable[[], Iterator[tuple[int, np.ndarray, np.ndarray]]]  # (part, vectors, ids)
@@ -62,7 +68,8 @@ def fill_on_disk(
                 faiss.write_index(block, names[-1])
                 bar.update(len(ids))
         index = faiss.clone_index(trained)
-        merge_ondisk(index, names, str(ivfdata))
+        with faiss_quiet():
+            merge_ondisk(index, names, str(ivfdata))
         return index
     except BaseException:
         ivfdata.unlink(missing_ok=True)

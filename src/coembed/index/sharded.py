@@ -16,6 +16,7 @@ import coembed.index.store as store
 from coembed.errors import IndexError_, UsageError
 from coembed.index.index import Index
 from coembed.index.kinds import HNSW_MAX, check_kind, choose_kind
+from coembed.index.rerank import RERANK_DTYPE, Reranked
 from coembed.index.tune import DEFAULT_TARGET, exact_neighbours, sample_ids, tune_recall
 
 if TYPE_CHECKING:
@@ -197,6 +198,23 @@ def _on_disk_index(
     )  # fmt: skip
     _finish(index, merged)
 
+    written: list[Path] = []
+
+    def write_rerank(path: Path) -> None:
+        """The parts' vectors, streamed into one memory-mapped file."""
+        from coembed.files import atomic_write
+
+        def fill(tmp: str) -> None:
+            out = np.lib.format.open_memmap(tmp, "w+", RERANK_DTYPE, (merged.count, merged.dim))
+            for _, vectors, ids in blocks():
+                if len(ids):
+                    out[ids[0] : ids[-1] + 1] = vectors
+            out.flush()
+            del out
+
+        atomic_write(path, fill)
+        written.append(path)
+
     def make(ivfdata: Path) -> tuple[Any, dict[str, Any]]:
         faiss_index = fill_on_disk(trained, blocks(), ivfdata, merged.count)
         params: dict[str, Any] = {**shape, "nprobe": int(faiss_index.nprobe)}
@@ -205,24 +223,15 @@ def _on_disk_index(
             ids = sample_ids(merged.count)
             queries = rows_of(blocks, ids, merged.dim)
             exact = exact_neighbours(queries, ids, ((v, i) for _, v, i in blocks()))
-            tuning = tune_recall(faiss_index, "ivfpq", queries, ids, exact, target_recall)
+            rerank = Reranked(
+                faiss_index, store.read_vectors(written[0], (merged.count, merged.dim))
+            )
+            tuning = tune_recall(
+                faiss_index, "ivfpq", queries, ids, exact, target_recall, searcher=rerank
+            )
             params["nprobe"] = tuning.value
             learned["tuning"] = tuning.as_json()
         return faiss_index, learned
 
-    index.save(root, make_faiss=make)
+    index.save(root, make_faiss=make, rerank=write_rerank)
     return index
-
-
-def merge_model(root: Path, model: str | os.PathLike | None, device: str) -> Any:
-    """The embedder ``--merge`` builds with: ``model``, else the one the parts recorded."""
-    from coembed.embedder import as_embedder
-
-    if model is None:
-        model = shards.read_plan(root).get("model_dir")
-        if model is None or not Path(model).is_dir():
-            raise UsageError(
-                f"--merge: the model that embedded the parts in {root} is not where it was "
-                f"({model}); give it with --model"
-            )
-    return as_embedder(model, device)

@@ -33,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from coembed.errors import CoembedError, IndexError_
 from coembed.files import (
     atomic_write,
@@ -42,7 +44,8 @@ from coembed.files import (
     is_disk_full,
     umask_mode,
 )
-from coembed.index.kinds import FAISS_CLASSES, KINDS, import_faiss
+from coembed.index.kinds import FAISS_CLASSES, KINDS, faiss_quiet, import_faiss
+from coembed.index.rerank import RERANK_DTYPE
 from coembed.locks import writer_lock
 from coembed.schema import Range, check_shape, read_json
 
@@ -52,7 +55,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
 SKIPPED_FILE = "skipped.txt"
-GENERATION = re.compile(r"^(index|items)-(\d{6,})\.(faiss|json|ivfdata)$")
+GENERATION = re.compile(r"^(index|items|vectors)-(\d{6,})\.(faiss|json|ivfdata|npy)$")
 PARTS = "parts"  # a sharded build's embedding shards (coembed.index.shards)
 
 
@@ -177,7 +180,7 @@ MANIFEST_SHAPE = {
         "embed_dim": Range(int, 1),
         "copy?": (str, None),
     },
-    "files": {"faiss": str, "items": str, "ivfdata?": str},
+    "files": {"faiss": str, "items": str, "ivfdata?": str, "vectors?": str},
     "skipped?": Range(int, 0),
     "roots?": ([str], None),
     "target_recall?": (Range(float, 0, 1), None),
@@ -225,6 +228,8 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     names = [("faiss", "index", "faiss"), ("items", "items", "json")]
     if "ivfdata" in files:
         names.append(("ivfdata", "index", "ivfdata"))
+    if "vectors" in files:
+        names.append(("vectors", "vectors", "npy"))
     for key, stem, suffix in names:
         found = GENERATION.match(files[key])
         if not found or found.group(1) != stem or found.group(3) != suffix:
@@ -242,7 +247,8 @@ def read_faiss(path: Path, on_disk: bool = False) -> Any:
     faiss = import_faiss()
     try:
         if on_disk:
-            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            with faiss_quiet():
+                return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
         return faiss.read_index(str(path))
     except (RuntimeError, MemoryError, ValueError):
         raise IndexError_(f"{path}: unreadable (truncated or corrupt); {REBUILD}") from None
@@ -275,11 +281,14 @@ def disagreement(index: Any, meta: dict[str, Any], manifest: dict[str, Any]) -> 
 
 def read_index_files(root: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(FAISS index, items metadata, manifest) of the generation the manifest names, checked
-    to agree with each other; one IndexError_ for anything missing, damaged or inconsistent."""
+    to agree with each other; one IndexError_ for anything missing, damaged or inconsistent.
+    An index with re-ranking vectors has them, memory-mapped, in ``meta["vectors"]``."""
     manifest = read_manifest(root)
     files = manifest["files"]
     faiss_path, items_path = root / files["faiss"], root / files["items"]
-    needed = [faiss_path, items_path] + ([root / files["ivfdata"]] if "ivfdata" in files else [])
+    needed = [faiss_path, items_path] + [
+        root / files[k] for k in ("ivfdata", "vectors") if k in files
+    ]
     for path in needed:
         if not path.is_file():
             raise IndexError_(f"{path}: missing; the index directory is damaged, {REBUILD}")
@@ -289,7 +298,34 @@ def read_index_files(root: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     problem = disagreement(index, meta, manifest)
     if problem:
         raise IndexError_(f"{root}: {problem}; {REBUILD}")
+    if "vectors" in files:
+        meta["vectors"] = read_vectors(
+            root / files["vectors"], (manifest["count"], manifest["dim"])
+        )
     return index, meta, manifest
+
+
+def read_vectors(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The (N, D) float32 re-ranking vectors in ``path``, memory-mapped; checked."""
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        raise IndexError_(f"{path}: unreadable (truncated or corrupt); {REBUILD}") from None
+    if vectors.shape != shape or vectors.dtype != RERANK_DTYPE:
+        raise IndexError_(
+            f"{path}: {vectors.dtype} {vectors.shape}, expected float32 {shape}; {REBUILD}"
+        )
+    return vectors
+
+
+def write_vectors(path: Path, vectors: np.ndarray) -> None:
+    """Save (N, D) re-ranking vectors as float32 (to a temporary name, then renamed)."""
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(vectors, RERANK_DTYPE))
+
+    atomic_write(path, save)
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -302,14 +338,17 @@ def write_index_files(
     manifest: dict[str, Any],
     model_files: Path | None,
     make_faiss: Callable[[Path], tuple[Any, dict[str, Any]]] | None = None,
+    vectors: np.ndarray | Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Save one generation into ``root`` and commit it (see the module docstring).
 
     ``meta`` holds items, captions and skipped; ``manifest`` the index's description (kind,
     count, model identity...). Returns the manifest as written, its model with ``copy`` set.
-    An index whose inverted lists live on disk comes as ``make_faiss(ivfdata_path)`` instead of
-    ``faiss_index``: it writes the generation's ``.ivfdata`` file and returns the index over it
-    and what the manifest learns from building it (count, params, tuning).
+    ``vectors``: the re-ranking vectors (``coembed.index.rerank``), an array or a function
+    writing the file; written first. An index whose inverted lists live on disk comes as
+    ``make_faiss(ivfdata_path)`` instead of ``faiss_index``: it writes the generation's
+    ``.ivfdata`` file and returns the index over it and what the manifest learns from building
+    it (count, params, tuning).
     """
     with writer_lock(root):
         created = not root.exists()
@@ -319,6 +358,13 @@ def write_index_files(
         )
         copies_before = {p.name for p in root.iterdir() if p.name.startswith("model-")}
         try:
+            if vectors is not None:  # first: building on disk may search with them
+                name = f"vectors-{generation:06d}.npy"
+                if callable(vectors):
+                    vectors(root / name)
+                else:
+                    write_vectors(root / name, vectors)
+                manifest = {**manifest, "vectors": name}
             if make_faiss is not None:
                 ivfdata = f"index-{generation:06d}.ivfdata"
                 faiss_index, learned = make_faiss(root / ivfdata)
@@ -333,7 +379,13 @@ def write_index_files(
         skipped = "".join(f"{source}\t{reason}\n" for source, reason in meta["skipped"])
         atomic_write_text(root / SKIPPED_FILE, skipped)
         files = manifest["files"]
-        keep = {files["faiss"], files["items"], files.get("ivfdata"), manifest["model"]["copy"]}
+        keep = {
+            files["faiss"],
+            files["items"],
+            files.get("ivfdata"),
+            files.get("vectors"),
+            manifest["model"]["copy"],
+        }
         remove_old_files(root, keep=keep)
     return manifest
 
@@ -353,8 +405,9 @@ def _commit_generation(
     atomic_write_text(root / items_name, json.dumps(meta, ensure_ascii=False))
     model = {**manifest["model"], "copy": copy_model(model_files, root, manifest["model"])}
     files = {"faiss": faiss_name, "items": items_name}
-    if "ivfdata" in manifest:
-        files["ivfdata"] = manifest.pop("ivfdata")
+    for key in ("ivfdata", "vectors"):
+        if key in manifest:
+            files[key] = manifest.pop(key)
     manifest = {**manifest, "format_version": FORMAT_VERSION, "model": model, "files": files}
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))  # commit
     return manifest
@@ -379,8 +432,9 @@ def _remove_uncommitted(
         committed = False
     if committed:  # interrupted just after the commit: the new generation is the index now
         return
-    for name in (faiss_name, f"items-{generation:06d}.json", f"index-{generation:06d}.ivfdata"):
-        (root / name).unlink(missing_ok=True)
+    for stem, suffix in (("items", "json"), ("index", "ivfdata"), ("vectors", "npy")):
+        (root / f"{stem}-{generation:06d}.{suffix}").unlink(missing_ok=True)
+    (root / faiss_name).unlink(missing_ok=True)
     for path in root.iterdir():
         if path.name.startswith("model-") and path.name not in copies_before:
             shutil.rmtree(path, ignore_errors=True)
@@ -389,7 +443,8 @@ def _remove_uncommitted(
 
 
 def _is_temporary(name: str) -> bool:
-    temp_of = (".index-", ".items-", ".model-", f".{MANIFEST}.", f".{SKIPPED_FILE}.")
+    temp_of = (".index-", ".items-", ".vectors-", ".blocks-", ".model-", f".{MANIFEST}.")
+    temp_of += (f".{SKIPPED_FILE}.",)
     return name.startswith(temp_of) and name.endswith(".tmp")
 
 

@@ -129,12 +129,12 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray, query_ids: np.ndarray) -> 
     return hits / (K * len(exact))
 
 
-def _measure(faiss_index: Any, queries: np.ndarray, exact: np.ndarray, ids: np.ndarray) -> Trial:
-    _, found = faiss_index.search(queries, K + 1)  # one more: the query itself is stored
+def _measure(searcher: Any, queries: np.ndarray, exact: np.ndarray, ids: np.ndarray) -> Trial:
+    _, found = searcher.search(queries, K + 1)  # one more: the query itself is stored
     times = []
     for q in queries[:TIMED]:
         start = time.perf_counter()
-        faiss_index.search(q[None, :], K + 1)
+        searcher.search(q[None, :], K + 1)
         times.append(time.perf_counter() - start)
     return Trial(0, recall_at_k(found, exact, ids), float(np.median(times) * 1e3))
 
@@ -147,9 +147,11 @@ def tune_recall(
     exact: np.ndarray,
     target: float = DEFAULT_TARGET,
     progress: bool = True,
+    searcher: Any = None,
 ) -> Tuning | None:
     """Set ``faiss_index``'s efSearch (HNSW) or nprobe (IVF) to the cheapest candidate whose
-    recall@10 on ``queries`` reaches ``target``; None for an exact (flat) index."""
+    recall@10 on ``queries`` reaches ``target``; None for an exact (flat) index. ``searcher``:
+    what searches (``coembed.index.rerank.Reranked``), when not ``faiss_index`` itself."""
     check_target(target)
     if kind == "hnsw":
         name, candidates = "efSearch", EF_SEARCH
@@ -164,16 +166,15 @@ def tune_recall(
             faiss_index.nprobe = v
     else:
         return None
-    return _sweep(
-        name, candidates, setter, faiss_index, queries, query_ids, exact, target, progress
-    )
+    searcher = faiss_index if searcher is None else searcher
+    return _sweep(name, candidates, setter, searcher, queries, query_ids, exact, target, progress)
 
 
 def _sweep(
     name: str,
     candidates: tuple[int, ...],
     setter: Callable[[int], None],
-    faiss_index: Any,
+    searcher: Any,
     queries: np.ndarray,
     query_ids: np.ndarray,
     exact: np.ndarray,
@@ -187,7 +188,7 @@ def _sweep(
     ) as bar:
         for value in candidates:
             setter(value)
-            trial = _measure(faiss_index, queries, exact, query_ids)
+            trial = _measure(searcher, queries, exact, query_ids)
             trial.value = value
             trials.append(trial)
             bar.update(1)
