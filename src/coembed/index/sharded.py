@@ -235,3 +235,17 @@ def _on_disk_index(
 
     index.save(root, make_faiss=make, rerank=write_rerank)
     return index
+
+
+def merge_model(root: Path, model: str | os.PathLike | None, device: str) -> Any:
+    """The embedder ``--merge`` builds with: ``model``, else the one the parts recorded."""
+    from coembed.embedder import as_embedder
+
+    if model is None:
+        model = shards.read_plan(root).get("model_dir")
+        if model is None or not Path(model).is_dir():
+            raise UsageError(
+                f"--merge: the model that embedded the parts in {root} is not where it was "
+                f"({model}); give it with --model"
+            )
+    return as_embedder(model, device)
