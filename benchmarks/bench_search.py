@@ -145,6 +145,10 @@ def main() -> None:
     rss_after = rss_mb()
     raw = index.faiss
     print(f"build ({index.kind}, {index.params}): {build_s:.1f} s")
+    if index.tuning is not None:  # the build tunes efSearch/nprobe to recall@10 0.95
+        from coembed.index.tune import Tuning
+
+        print("tuned: " + Tuning(**{**index.tuning, "trials": []}).summary())
 
     position = {item: i for i, item in enumerate(items)}  # only for scoring recall, not timed
     for q in queries[:200]:  # warm-up: page in the graph, settle the CPU

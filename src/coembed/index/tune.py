@@ -97,19 +97,26 @@ def exact_neighbours(
 ) -> np.ndarray:
     """(S, K) ids of each query's K nearest stored vectors by inner product, itself left out.
 
-    ``blocks`` yields (vectors (B, D), their ids (B,)) covering the collection once.
+    ``blocks`` yields (vectors (B, D), their ids (B,), ascending) covering the collection once;
+    each is scanned ``BLOCK`` rows at a time, so memory holds S x BLOCK scores at most.
     """
     s = len(queries)
     best_scores = np.full((s, K), -np.inf, np.float32)
     best_ids = np.full((s, K), -1, np.int64)
+    rows = np.arange(s)
     for vectors, ids in blocks:
-        scores = queries @ np.asarray(vectors, np.float32).T  # (S, B)
-        scores[query_ids[:, None] == ids[None, :]] = -np.inf  # not itself
-        scores = np.concatenate([best_scores, scores], axis=1)
-        all_ids = np.concatenate([best_ids, np.broadcast_to(ids, (s, len(ids)))], axis=1)
-        top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
-        best_scores = np.take_along_axis(scores, top, axis=1)
-        best_ids = np.take_along_axis(all_ids, top, axis=1)
+        for start in range(0, len(ids), BLOCK):
+            chunk_ids = np.asarray(ids[start : start + BLOCK], np.int64)
+            chunk = np.asarray(vectors[start : start + BLOCK], np.float32)
+            scores = queries @ chunk.T  # (S, b)
+            at = np.minimum(np.searchsorted(chunk_ids, query_ids), len(chunk_ids) - 1)
+            own = chunk_ids[at] == query_ids  # the query is in this chunk: not its own neighbour
+            scores[rows[own], at[own]] = -np.inf
+            scores = np.concatenate([best_scores, scores], axis=1)
+            all_ids = np.concatenate([best_ids, np.broadcast_to(chunk_ids, (s, len(chunk_ids)))], 1)
+            top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
+            best_scores = np.take_along_axis(scores, top, axis=1)
+            best_ids = np.take_along_axis(all_ids, top, axis=1)
     return best_ids
 
 
