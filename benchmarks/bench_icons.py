@@ -367,6 +367,24 @@ def save_side(path: Path, side: Side, args: argparse.Namespace) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def choices_table(paths: list[Path]) -> list[str]:
+    """The sides saved by ``--save`` (one or more files), one row each: samples/s of the probe,
+    epochs in the budget, then validation and test recall both ways."""
+    records = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line]
+    short = [k.replace("image_to_text_", "i→t ").replace("text_to_image_", "t→i ") for k in KEYS]
+    header = "| choice | seed | samples/s | epochs | " + " | ".join(
+        [f"val {k}" for k in short] + [f"test {k}" for k in short]
+    )
+    lines = [header + " |", "|---|--:|--:|--:|" + "--:|" * 12]
+    for r in records:
+        seed = next((o[len(SEED) :] for o in r["overrides"] if o.startswith(SEED)), "0")
+        name = r["name"].removesuffix(f", seed {seed}")
+        rate = "" if r["probe_samples_per_s"] is None else f"{r['probe_samples_per_s']:.0f}"
+        cells = [fmt(r["val"][k]) for k in KEYS] + [fmt(r["test"][k]) for k in KEYS]
+        lines.append(f"| {name} | {seed} | {rate} | {r['epochs']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="a `coembed data icons` folder (default: build)")
@@ -391,6 +409,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--save", type=Path, help="append each side's settings and recall to this JSON-lines file"
     )
+    parser.add_argument(
+        "--table", type=Path, nargs="+", help="print the table of sides saved by --save, and stop"
+    )
     args = parser.parse_args()
     if args.quick:
         args.budget, args.probe, args.no_clip_tokenizer = 45.0, 20.0, True
@@ -412,6 +433,9 @@ def make_sides(args: argparse.Namespace) -> list[Side]:
 
 def main() -> int:
     args = parse_args()
+    if args.table:
+        print("\n".join(choices_table(args.table)))
+        return 0
     if not args.coembed_only and (missing := openclip_trainer_missing()):
         print(f"bench_icons: skipped, {missing}")
         return 0

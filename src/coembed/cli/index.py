@@ -83,25 +83,30 @@ def run_index(args: argparse.Namespace) -> int:
         device=args.device,
         target_recall=args.target_recall,
     )
-    output = escape_name(report.output)
     if report.added:
         print(
-            f"added {report.count_new} {report.modality}s to {output} ({report.total} in "
-            f"all, {report.kind}); {report.already_indexed} were already indexed"
+            f"added {report.count_new} {report.modality}s to {escape_name(report.output)} "
+            f"({report.total} in all, {report.kind}); {report.already_indexed} were already "
+            "indexed"
         )
     else:
-        print(
-            f"indexed {report.total} {report.modality}s into {output} "
-            f"({report.kind}, dim {report.dim})"
-        )
+        print_indexed(report.output, report.total, report.modality, report.kind, report.dim)
     print_tuning(report.tuning)
-    if report.skipped_new:
+    print_skipped(report.skipped_new, report.skipped_file)
+    return 0
+
+
+def print_indexed(output: Path, count: int, modality: str, kind: str, dim: int) -> None:
+    print(f"indexed {count} {modality}s into {escape_name(output)} ({kind}, dim {dim})")
+
+
+def print_skipped(count: int, listed_in: Path) -> None:
+    if count:
         print(
-            f"skipped {report.skipped_new} image(s) that could not be decoded "
-            f"(listed in {escape_name(report.skipped_file)})",
+            f"skipped {count} image(s) that could not be decoded "
+            f"(listed in {escape_name(listed_in)})",
             file=sys.stderr,
         )
-    return 0
 
 
 def print_tuning(tuning: dict | None) -> None:
@@ -159,17 +164,9 @@ def run_sharded(args: argparse.Namespace) -> int:
 
 
 def print_built(output: Path, index) -> None:
-    print(
-        f"indexed {len(index)} {index.modality}s into {escape_name(output)} "
-        f"({index.kind}, dim {index.dim})"
-    )
+    print_indexed(output, len(index), index.modality, index.kind, index.dim)
     print_tuning(index.tuning)
-    if index.skipped:
-        print(
-            f"skipped {len(index.skipped)} image(s) that could not be decoded "
-            f"(listed in {escape_name(output / 'skipped.txt')})",
-            file=sys.stderr,
-        )
+    print_skipped(len(index.skipped), output / "skipped.txt")
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
