@@ -271,6 +271,11 @@ def test_ivfpq_reranks_its_candidates_with_the_stored_vectors(tmp_path):
     assert isinstance(loaded.rerank, np.memmap) and loaded.rerank.shape == (20_000, 32)
     ids, scores = loaded.search_ids(vectors[11], 3)
     assert ids[0] == 11 and abs(scores[0] - 1.0) < 1e-5
+    from coembed.curate.dedup import index_vectors
+    from coembed.index.index import _item_vector
+
+    assert np.array_equal(index_vectors(loaded), vectors)  # dedup reads the exact vectors
+    assert np.array_equal(_item_vector(loaded, 11), vectors[11])  # as image:11 does
 
 
 def test_tuning_is_saved_and_an_add_tunes_again(tmp_path):

@@ -113,9 +113,11 @@ def exact_pairs(keys: list[str | None]) -> list[tuple[int, int]]:
 
 
 def index_vectors(index: Index) -> np.ndarray:
-    """The (N, D) vectors an index holds (IVF-PQ: decoded from its codes, so approximate)."""
+    """The (N, D) vectors an index holds (those IVF-PQ re-ranks with, else FAISS's own)."""
     from coembed.index.kinds import import_faiss
 
+    if index.rerank is not None:
+        return np.asarray(index.rerank, np.float32)
     try:
         return index.faiss.reconstruct_n(0, len(index))
     except RuntimeError:
@@ -141,7 +143,7 @@ def near_pairs(
                 lims, scores, ids = index.faiss.range_search(chunk, float(threshold) - 1e-6)
                 rows = np.repeat(np.arange(len(chunk)), np.diff(lims).astype(np.int64)) + start
             else:
-                scores, ids = index.faiss.search(chunk, min(k + 1, len(vectors)))  # (b, k+1)
+                scores, ids = index.searcher.search(chunk, min(k + 1, len(vectors)))  # (b, k+1)
                 rows = np.repeat(np.arange(len(chunk)) + start, ids.shape[1])
                 scores, ids = scores.ravel(), ids.ravel()
             keep = (ids > rows) & (scores >= threshold)  # each pair once, never an item itself

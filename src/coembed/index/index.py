@@ -520,6 +520,8 @@ def item_vectors(query: Query, index: Index) -> dict[str, np.ndarray]:
 
 
 def _item_vector(index: Index, item_id: int) -> np.ndarray:
+    if index.rerank is not None:  # IVF-PQ keeps the vectors it re-ranks with
+        return np.array(index.rerank[item_id], np.float32)
     try:
         return index.faiss.reconstruct(item_id)
     except RuntimeError:  # IVF-PQ keeps codes without an id map: embed the item again

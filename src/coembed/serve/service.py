@@ -225,7 +225,7 @@ class SearchService:
         hits: dict[int, tuple[list[int], list[float]]] = {}
         if searching:
             queries = vectors[[row[jobs[i][0]] for i in searching]]  # (S, D)
-            scores, ids = self.index.faiss.search(queries, max(jobs[i][1] for i in searching))
+            scores, ids = self.index.searcher.search(queries, max(jobs[i][1] for i in searching))
             for j, i in enumerate(searching):
                 k = jobs[i][1]
                 found = ids[j, :k]
@@ -272,6 +272,8 @@ class SearchService:
     async def item_vector(self, item_id: int) -> np.ndarray:
         """The (D,) stored vector of an indexed item (re-embedded if FAISS keeps none)."""
         self._check_id(item_id)
+        if self.index.rerank is not None:  # IVF-PQ keeps the vectors it re-ranks with
+            return np.array(self.index.rerank[item_id], np.float32)
         try:
             return self.index.faiss.reconstruct(item_id)
         except RuntimeError:
