@@ -345,6 +345,17 @@ def table(sides: list[Side], best: Side | None, coembed_side: Side) -> list[str]
     return lines
 
 
+def saved_rates(path: Path) -> dict[tuple, float]:
+    """The probe rates an earlier ``--save`` recorded, by cost class (``Side.probe_key``)."""
+    rates = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["probe_samples_per_s"] is not None:
+            side = Side(r["name"], r["trainer"], tuple(r["overrides"]))
+            rates[side.probe_key()] = r["probe_samples_per_s"]
+    return rates
+
+
 def save_side(path: Path, side: Side, args: argparse.Namespace) -> None:
     """One line per trained side, so that several runs of the benchmark make one table."""
     record = {
@@ -373,14 +384,15 @@ def choices_table(paths: list[Path]) -> list[str]:
     records = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line]
     short = [k.replace("image_to_text_", "i→t ").replace("text_to_image_", "t→i ") for k in KEYS]
     header = "| choice | seed | samples/s | epochs | " + " | ".join(
-        [f"val {k}" for k in short] + [f"test {k}" for k in short]
+        [f"val {k}" for k in short] + ["val mean R"] + [f"test {k}" for k in short]
     )
-    lines = [header + " |", "|---|--:|--:|--:|" + "--:|" * 12]
+    lines = [header + " |", "|---|--:|--:|--:|" + "--:|" * 13]
     for r in records:
         seed = next((o[len(SEED) :] for o in r["overrides"] if o.startswith(SEED)), "0")
         name = r["name"].removesuffix(f", seed {seed}")
         rate = "" if r["probe_samples_per_s"] is None else f"{r['probe_samples_per_s']:.0f}"
-        cells = [fmt(r["val"][k]) for k in KEYS] + [fmt(r["test"][k]) for k in KEYS]
+        cells = [fmt(r["val"][k]) for k in KEYS] + [f"**{fmt(mean_recall(r['val']))}**"]
+        cells += [fmt(r["test"][k]) for k in KEYS]
         lines.append(f"| {name} | {seed} | {rate} | {r['epochs']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -412,6 +424,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--table", type=Path, nargs="+", help="print the table of sides saved by --save, and stop"
     )
+    parser.add_argument(
+        "--rates",
+        type=Path,
+        help="take each side's samples/s from the probes of an earlier --save file (sides of the "
+        "same cost, seeds aside) instead of probing again, so that seeds train the same epochs",
+    )
+    parser.add_argument(
+        "--no-recipe", action="store_true", help="leave out the tiny recipe's own side"
+    )
     args = parser.parse_args()
     if args.quick:
         args.budget, args.probe, args.no_clip_tokenizer = 45.0, 20.0, True
@@ -419,7 +440,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_sides(args: argparse.Namespace) -> list[Side]:
-    sides = [Side("coembed, tiny recipe", "coembed")]
+    sides = [] if args.no_recipe else [Side("coembed, tiny recipe", "coembed")]
     if not args.no_clip_tokenizer:
         sides.append(Side("coembed, CLIP tokenizer", "coembed", CLIP_TOKENIZER))
     sides += [Side(label, "coembed", tuple(sets)) for label, *sets in args.variant]
@@ -454,7 +475,7 @@ def main() -> int:
             + f" each, {bench.steps_per_epoch} steps of {BATCH} per epoch",
             flush=True,
         )
-        probes: dict[tuple, float] = {}
+        probes = saved_rates(args.rates) if args.rates else {}
         for side in sides:
             if args.epochs:
                 side.epochs = args.epochs
