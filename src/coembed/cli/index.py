@@ -22,7 +22,9 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--add", action="store_true", help="add to an existing index instead of building"
     )
-    p.add_argument("--kind", default="auto", help="flat, hnsw, ivfpq or auto (by size)")
+    p.add_argument(
+        "--kind", default="auto", help="flat, hnsw, ivfflat, ivfpq, or auto (by size and recall)"
+    )
     p.add_argument(
         "--target-recall",
         type=float,
