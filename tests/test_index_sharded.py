@@ -361,3 +361,20 @@ def test_auto_routes_through_ivf_when_hnsw_falls_short(monkeypatch):
     kept = Index.from_vectors(vectors, [str(i) for i in range(len(vectors))], "auto",
                               target_recall=0.95)  # fmt: skip
     assert kept.kind == "hnsw" and kept.tuning["value"] <= tune.ROUTING_EF
+
+
+def test_an_index_grown_into_ivfpq_keeps_its_vectors_to_rerank(monkeypatch):
+    """An auto index that --add grows past HNSW's range becomes IVF-PQ, re-ranked with every
+    vector it holds (the old ones read back from HNSW, the new ones as given)."""
+    import coembed.index.kinds as kinds
+
+    monkeypatch.setattr(kinds, "FLAT_MAX", 200)
+    monkeypatch.setattr(kinds, "HNSW_MAX", 600)
+    vectors = islands(3_000, 16, seed=8)
+    index = Index.from_vectors(vectors[:500], [f"item{i}" for i in range(500)])
+    assert index.kind == "hnsw" and index.rerank is None
+    index.add_vectors(vectors[500:], [f"item{i}" for i in range(500, 3_000)])
+    assert index.kind == "ivfpq" and index.rerank.shape == (3_000, 16)
+    assert np.allclose(index.rerank, vectors, atol=1e-6)
+    assert index.search(vectors[10], k=1)[0][0] == "item10"
+    assert index.search(vectors[2_500], k=1)[0][0] == "item2500"

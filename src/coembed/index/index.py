@@ -296,6 +296,8 @@ class Index:
             self.faiss, self.params = new_faiss_index(wanted, np.concatenate([old, vectors]))
             self.kind = wanted
             add_in_chunks(self.faiss, old, progress)
+            if wanted == "ivfpq":  # from now on re-ranked with the vectors (coembed.index.rerank)
+                self.rerank = np.array(old, RERANK_DTYPE)
         add_in_chunks(self.faiss, vectors, progress)
         if self.rerank is not None:
             self.rerank = np.concatenate([self.rerank, np.array(vectors, RERANK_DTYPE)])
