@@ -72,19 +72,7 @@ def run_index(args: argparse.Namespace) -> int:
         raise UsageError("coembed index: give --images or --texts (or --merge)")
     from coembed.index import build_index
 
-    report = build_index(
-        args.output,
-        model=args.model,
-        images=args.images,
-        texts=args.texts,
-        add=args.add,
-        kind=args.kind,
-        batch_size=args.batch_size,
-        image_key=args.image_key,
-        caption_key=args.caption_key,
-        device=args.device,
-        target_recall=args.target_recall,
-    )
+    report = build_index(args.output, model=args.model, add=args.add, **input_options(args))
     if report.added:
         print(
             f"added {report.count_new} {report.modality}s to {escape_name(report.output)} "
@@ -96,6 +84,20 @@ def run_index(args: argparse.Namespace) -> int:
     print_tuning(report.tuning)
     print_skipped(report.skipped_new, report.skipped_file)
     return 0
+
+
+def input_options(args: argparse.Namespace) -> dict:
+    """What one-process and sharded builds both take from the command line."""
+    return {
+        "images": args.images,
+        "texts": args.texts,
+        "kind": args.kind,
+        "batch_size": args.batch_size,
+        "image_key": args.image_key or "filepath",
+        "caption_key": args.caption_key or "caption",
+        "device": args.device,
+        "target_recall": args.target_recall,
+    }
 
 
 def print_indexed(output: Path, count: int, modality: str, kind: str, dim: int) -> None:
@@ -143,17 +145,7 @@ def run_sharded(args: argparse.Namespace) -> int:
     if args.images is None and args.texts is None:
         raise UsageError("coembed index: give --images or --texts (or --merge)")
     report = build_sharded(
-        args.output,
-        model=args.model,
-        images=args.images,
-        texts=args.texts,
-        kind=args.kind,
-        batch_size=args.batch_size,
-        image_key=args.image_key or "filepath",
-        caption_key=args.caption_key or "caption",
-        part_size=args.part_size,
-        target_recall=args.target_recall,
-        device=args.device,
+        args.output, model=args.model, part_size=args.part_size, **input_options(args)
     )
     who = f"rank {report.rank} of {report.world}: " if report.world > 1 else ""
     print(
