@@ -339,16 +339,20 @@ def test_objectives_under_torchrun_train_like_one_process(repeated_data, tmp_pat
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
 
 
+def train_two_processes(data, out, settings: list[str]) -> None:
+    """Two steps in two gloo processes with ``settings``; both steps log a finite loss."""
+    extra = [a for s in settings for a in ("--set", s)] + list(CLIP_TOKENIZER)
+    ok(torchrun(train_args(data, out, *extra, steps=2, batch=16)))
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
 @pytest.mark.slow
 def test_mlm_under_torchrun_trains(repeated_data, tmp_path):
     """The token objective runs inside the model's forward, so DDP sees both uses of the text
     tower's weights in one backward: two processes train with it and log finite losses."""
     settings = ["train.mlm_weight=0.5", "train.log_every=1", "train.checkpoint_every=2"]
-    extra = [a for s in settings for a in ("--set", s)] + list(CLIP_TOKENIZER)
-    out = tmp_path / "ddp"
-    ok(torchrun(train_args(repeated_data, out, *extra, steps=2, batch=16)))
-    losses = [m["loss"] for m in metrics(out) if "loss" in m]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    train_two_processes(repeated_data, tmp_path / "ddp", settings)
 
 
 @pytest.mark.slow
@@ -356,11 +360,8 @@ def test_two_views_under_torchrun_train(repeated_data, tmp_path):
     """Both views in one forward of the DDP-wrapped model, the projection head outside it (its
     gradients averaged by the run): two processes train and log finite losses."""
     settings = ["train.simclr_weight=0.5", "train.multiview=true", "train.log_every=1"]
-    extra = [a for s in settings for a in ("--set", s)] + list(CLIP_TOKENIZER)
     out = tmp_path / "ddp"
-    ok(torchrun(train_args(repeated_data, out, *extra, steps=2, batch=16)))
-    losses = [m["loss"] for m in metrics(out) if "loss" in m]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    train_two_processes(repeated_data, out, settings)
     assert (out / "checkpoints" / "step-0000002" / "view_head.safetensors").is_file()
 
 
