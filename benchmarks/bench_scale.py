@@ -147,7 +147,13 @@ def build(args: argparse.Namespace) -> dict:
 def faiss_build(args: argparse.Namespace) -> dict:
     """Raw FAISS, the same parameters, in memory: train on a same-size sample, add every part."""
     import coembed.index.shards as shards
-    from coembed.index.kinds import import_faiss, ivfpq_shape, training_sample_size
+    from coembed.index.kinds import (
+        HNSW_M,
+        QUANTIZER_EF_BUILD,
+        import_faiss,
+        ivfpq_shape,
+        training_sample_size,
+    )
 
     faiss = import_faiss()
     work = Path(args.work)
@@ -162,15 +168,17 @@ def faiss_build(args: argparse.Namespace) -> dict:
         lo, hi = number * args.part, number * args.part + len(vectors)
         rows = wanted[(wanted >= lo) & (wanted < hi)] - lo
         sample.append(np.asarray(vectors[rows]))
-    quantizer = faiss.IndexFlatIP(args.dim)
-    index = faiss.IndexIVFPQ(quantizer, args.dim, shape["nlist"], shape["m"], shape["bits"],
-                             faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+    graph = f"_HNSW{HNSW_M}" if shape["quantizer"] == "hnsw" else ""
+    spec = f"IVF{shape['nlist']}{graph},PQ{shape['m']}x{shape['bits']}"
+    index = faiss.index_factory(args.dim, spec, faiss.METRIC_INNER_PRODUCT)
+    if graph:
+        faiss.downcast_index(index.quantizer).hnsw.efSearch = QUANTIZER_EF_BUILD
     index.train(np.concatenate(sample))
     del sample
     for number in range(count):
         vectors, _ = shards.read_part(work / "index", number, mmap=True)
         index.add(np.ascontiguousarray(vectors))
-    return {"build_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    return {"build_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "spec": spec}
 
 
 def query(args: argparse.Namespace) -> dict:
@@ -220,6 +228,12 @@ PHASES = {"generate": generate, "build": build, "faiss-build": faiss_build, "que
 
 
 def run_phase(phase: str, args: argparse.Namespace) -> dict:
+    """Run one phase in a process of its own; its result is kept in the work folder, so that
+    a run given the same ``--work`` and ``--resume`` goes on from the first phase not done."""
+    done_file = Path(args.work) / f"{phase}.json"
+    if args.resume and done_file.is_file():
+        print(f"== {phase}: done before ({done_file})", flush=True)
+        return json.loads(done_file.read_text())
     cmd = [sys.executable, __file__, "--phase", phase, "--work", args.work, "--n", str(args.n),
            "--dim", str(args.dim), "--part", str(args.part), "--queries", str(args.queries),
            "--target-recall", str(args.target_recall)]  # fmt: skip
@@ -228,6 +242,7 @@ def run_phase(phase: str, args: argparse.Namespace) -> dict:
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - started
+    done_file.write_text(json.dumps(result))
     print(f"   {json.dumps({k: v for k, v in result.items() if k != 'trials'})}", flush=True)
     return result
 
@@ -275,6 +290,9 @@ def main() -> int:
     parser.add_argument("--target-recall", type=float, default=TARGET_RECALL)
     parser.add_argument("--work", help="folder for the parts and the index (default: temporary)")
     parser.add_argument("--keep", action="store_true", help="keep --work afterwards")
+    parser.add_argument(
+        "--resume", action="store_true", help="skip the phases --work holds results of"
+    )
     parser.add_argument("--quick", action="store_true", help="200k vectors, 300 queries")
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--write-results", action="store_true")

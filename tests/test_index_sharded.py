@@ -296,14 +296,19 @@ def test_tuning_is_saved_and_an_add_tunes_again(tmp_path):
     assert loaded.tuning is None
 
 
-def test_ivfpq_merged_on_disk_from_parts(collection, tmp_path):
+@pytest.mark.parametrize("quantizer", ["flat", "hnsw"])
+def test_ivfpq_merged_on_disk_from_parts(collection, tmp_path, monkeypatch, quantizer):
     """Parts of random vectors (as ranks would write them) -> IVF-PQ trained on a sample, its
-    lists in an .ivfdata file, memory-mapped when loaded; searched through the command line."""
+    lists in an .ivfdata file, memory-mapped when loaded; searched through the command line.
+    "hnsw": the lists found through an HNSW graph over the centroids (as past 8,192 lists)."""
+    import coembed.index.kinds as kinds
     import coembed.index.shards as shards
     from coembed.embedder import load
     from coembed.index.sharded import merge_parts
     from coembed.index.store import model_identity
 
+    if quantizer == "hnsw":
+        monkeypatch.setattr(kinds, "HNSW_QUANTIZER_NLIST", 64)
     embedder = load(collection["model"], device="cpu")
     vectors = islands(24_000, embedder.dim, seed=4)
     out = tmp_path / "ondisk"
@@ -337,6 +342,12 @@ def test_ivfpq_merged_on_disk_from_parts(collection, tmp_path):
     assert (out / manifest["files"]["vectors"]).is_file()
     assert fresh_recall(index.searcher, vectors) >= 0.88
     assert index.items[:3] == ["t0", "t1", "t2"]
+    assert manifest["params"]["quantizer"] == quantizer
+    reloaded = Index.load(out)  # held: the quantizer below is its FAISS index's
+    loaded = faiss.downcast_index(faiss.extract_index_ivf(reloaded.faiss).quantizer)
+    assert type(loaded).__name__ == {"flat": "IndexFlatIP", "hnsw": "IndexHNSWFlat"}[quantizer]
+    if quantizer == "hnsw":  # searched wider than it was built (k-means and adds at 16)
+        assert loaded.hnsw.efSearch == kinds.QUANTIZER_EF_SEARCH
     found = run_cli("search", "--index", str(out), "--json", "--device", "cpu", "a query")
     assert found.returncode == 0, found.stderr
     assert len(json.loads(found.stdout)["results"]) == 10

@@ -469,6 +469,7 @@ def built_and_tuned(kind: str, vectors: np.ndarray, target: float | None, progre
     untuned, for an exact index or no target); IVF-PQ keeps the vectors to re-rank with."""
     index, params = new_faiss_index(kind, vectors)
     add_in_chunks(index, vectors, progress)
+    apply_search_params(index, kind, params)
     rerank = np.array(vectors, RERANK_DTYPE) if kind == "ivfpq" else None
     tuning = None
     if target is not None:

@@ -8,7 +8,8 @@ N < 50,000         ``flat``  (IndexFlatIP)     exact; a full scan of 50k x 256 f
                                                efConstruction 40, efSearch 128
 N >= 5,000,000     ``ivfpq`` (IVF + PQ, IP)    HNSW keeps every float (5M x 256 = 5 GB plus
                                                links); PQ stores D/4 bytes per vector.
-                                               nlist ~ 4 sqrt(N), nprobe 32, trained on a sample
+                                               nlist ~ 4 sqrt(N), nprobe 32, trained on a sample;
+                                               from 8,192 lists an HNSW graph finds the lists
 =================  ==========================  ==============================================
 
 ``ivfflat`` (IVF over the float vectors) is not chosen by size: ``auto`` builds it beside HNSW
@@ -49,6 +50,13 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 128
 IVF_NPROBE = 32
+# From this many lists, an IVF-PQ index finds a vector's lists through an HNSW graph over the
+# centroids instead of scanning them all: measured here with 12,649 centroids of 256-d, an exact
+# scan costs 0.21 ms per vector (35 min to add 10M, as much again for k-means on the training
+# sample), the graph 0.029 ms at efSearch 16 (98% the same list) and 0.05 ms at 32 (99.8%).
+HNSW_QUANTIZER_NLIST = 8192
+QUANTIZER_EF_BUILD = 16  # k-means and adds: a vector in a neighbouring list costs little
+QUANTIZER_EF_SEARCH = 64  # queries: at least nprobe (HNSW searches max(efSearch, k))
 ADD_CHUNK = 65_536  # vectors per FAISS add call: big enough for its threads, small for a bar
 
 
@@ -122,7 +130,8 @@ def ivfpq_shape(n: int, dim: int) -> dict[str, int]:
     # k-means wants ~39+ points per centroid; a codebook of 2^bits centroids likewise.
     nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
     bits = 8 if n >= 256 * 39 else 4
-    return {"nlist": nlist, "m": pq_subquantizers(dim), "bits": bits}
+    quantizer = "hnsw" if nlist >= HNSW_QUANTIZER_NLIST else "flat"
+    return {"nlist": nlist, "m": pq_subquantizers(dim), "bits": bits, "quantizer": quantizer}
 
 
 def training_sample_size(n: int, shape: dict[str, int]) -> int:
@@ -131,9 +140,15 @@ def training_sample_size(n: int, shape: dict[str, int]) -> int:
 
 
 def trained_ivfpq(faiss: Any, sample: np.ndarray, shape: dict[str, int]) -> Any:
-    """An empty IVF-PQ index of ``shape`` trained on ``sample`` (S, D), nprobe set."""
+    """An empty IVF-PQ index of ``shape`` trained on ``sample`` (S, D), nprobe set; an HNSW
+    quantizer searches at QUANTIZER_EF_BUILD until ``apply_search_params``."""
     dim = sample.shape[1]
-    quantizer = faiss.IndexFlatIP(dim)
+    if shape.get("quantizer") == "hnsw":
+        quantizer = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        quantizer.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        quantizer.hnsw.efSearch = QUANTIZER_EF_BUILD
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFPQ(
         quantizer, dim, shape["nlist"], shape["m"], shape["bits"], faiss.METRIC_INNER_PRODUCT
     )
@@ -194,6 +209,9 @@ def apply_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
         index.hnsw.efSearch = int(params.get("efSearch", HNSW_EF_SEARCH))
     elif kind in IVF_KINDS:
         index.nprobe = int(params.get("nprobe", IVF_NPROBE))
+        quantizer = import_faiss().downcast_index(index.quantizer)
+        if isinstance(quantizer, import_faiss().IndexHNSWFlat):
+            quantizer.hnsw.efSearch = QUANTIZER_EF_SEARCH
 
 
 def add_in_chunks(index: Any, vectors: np.ndarray, progress: bool) -> None:

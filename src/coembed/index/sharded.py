@@ -15,7 +15,7 @@ import coembed.index.shards as shards
 import coembed.index.store as store
 from coembed.errors import IndexError_, UsageError
 from coembed.index.index import Index
-from coembed.index.kinds import HNSW_MAX, check_kind, choose_kind
+from coembed.index.kinds import HNSW_MAX, apply_search_params, check_kind, choose_kind
 from coembed.index.rerank import RERANK_DTYPE, Reranked
 from coembed.index.tune import DEFAULT_TARGET, exact_neighbours, sample_ids, tune_recall
 
@@ -218,6 +218,7 @@ def _on_disk_index(
     def make(ivfdata: Path) -> tuple[Any, dict[str, Any]]:
         faiss_index = fill_on_disk(trained, blocks(), ivfdata, merged.count)
         params: dict[str, Any] = {**shape, "nprobe": int(faiss_index.nprobe)}
+        apply_search_params(faiss_index, "ivfpq", params)
         learned: dict[str, Any] = {"count": int(faiss_index.ntotal), "params": params}
         if target_recall is not None:
             ids = sample_ids(merged.count)
