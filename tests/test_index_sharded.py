@@ -296,10 +296,13 @@ def test_tuning_is_saved_and_an_add_tunes_again(tmp_path):
     assert loaded.tuning is None
 
 
-@pytest.mark.parametrize("quantizer", ["flat", "hnsw"])
-def test_ivfpq_merged_on_disk_from_parts(collection, tmp_path, monkeypatch, quantizer):
-    """Parts of random vectors (as ranks would write them) -> IVF-PQ trained on a sample, its
-    lists in an .ivfdata file, memory-mapped when loaded; searched through the command line.
+@pytest.mark.parametrize(
+    "layout, quantizer", [("ondisk", "flat"), ("ondisk", "hnsw"), ("fastscan", "flat")]
+)
+def test_ivfpq_merged_from_parts(collection, tmp_path, monkeypatch, layout, quantizer):
+    """Parts of random vectors (as ranks would write them) -> IVF-PQ trained on a sample and
+    filled part by part; searched through the command line. "ondisk" (past 2 GB of codes): its
+    lists in an .ivfdata file, memory-mapped when loaded. "fastscan": 4-bit codes in memory.
     "hnsw": the lists found through an HNSW graph over the centroids (as past 8,192 lists)."""
     import coembed.index.kinds as kinds
     import coembed.index.shards as shards
@@ -309,9 +312,11 @@ def test_ivfpq_merged_on_disk_from_parts(collection, tmp_path, monkeypatch, quan
 
     if quantizer == "hnsw":
         monkeypatch.setattr(kinds, "HNSW_QUANTIZER_NLIST", 64)
+    if layout == "ondisk":
+        monkeypatch.setattr(kinds, "IN_MEMORY_CODES_MAX", 0)
     embedder = load(collection["model"], device="cpu")
     vectors = islands(24_000, embedder.dim, seed=4)
-    out = tmp_path / "ondisk"
+    out = tmp_path / "built"
     plan = shards.Plan("text", sources=[], names=[f"t{i}" for i in range(24_000)], part_size=5_000)
     (out / "parts").mkdir(parents=True)
     (out / "parts" / "plan.json").write_text(
@@ -328,23 +333,27 @@ def test_ivfpq_merged_on_disk_from_parts(collection, tmp_path, monkeypatch, quan
         )
     index = merge_parts(out, embedder, kind="ivfpq", target_recall=0.9, progress=False)
     manifest = json.loads((out / "index.json").read_text())
-    assert manifest["files"]["ivfdata"].endswith(".ivfdata") and manifest["count"] == 24_000
-    assert (out / manifest["files"]["ivfdata"]).stat().st_size > 24_000 * 8  # codes and ids
-    assert (out / manifest["files"]["faiss"]).stat().st_size < (
-        out / manifest["files"]["ivfdata"]
-    ).stat().st_size
-    from coembed.index.kinds import import_faiss
-
-    faiss = import_faiss()
-    lists = faiss.extract_index_ivf(index.faiss).invlists
-    assert "OnDisk" in type(faiss.downcast_InvertedLists(lists)).__name__
+    assert manifest["count"] == 24_000 and manifest["params"]["layout"] == layout
+    faiss = kinds.import_faiss()
+    reloaded = Index.load(out)  # held: the quantizer and lists below are its FAISS index's
+    ivf = faiss.extract_index_ivf(reloaded.faiss)
+    lists = type(faiss.downcast_InvertedLists(ivf.invlists)).__name__
+    if layout == "ondisk":
+        ivfdata = out / manifest["files"]["ivfdata"]
+        assert ivfdata.name.endswith(".ivfdata") and ivfdata.stat().st_size > 24_000 * 8
+        assert (out / manifest["files"]["faiss"]).stat().st_size < ivfdata.stat().st_size
+        assert "OnDisk" in lists and type(reloaded.faiss).__name__ == "IndexIVFPQ"
+    else:
+        assert "ivfdata" not in manifest["files"] and not list(out.glob("*.ivfdata"))
+        assert type(reloaded.faiss).__name__ == "IndexIVFPQFastScan" and "OnDisk" not in lists
+        assert manifest["params"]["bits"] == 4 and reloaded.searcher.factor == 30
     assert index.tuning["reached"] and index.params["nprobe"] == index.tuning["value"]
     assert (out / manifest["files"]["vectors"]).is_file()
     assert fresh_recall(index.searcher, vectors) >= 0.88
+    assert fresh_recall(reloaded.searcher, vectors) >= 0.88
     assert index.items[:3] == ["t0", "t1", "t2"]
     assert manifest["params"]["quantizer"] == quantizer
-    reloaded = Index.load(out)  # held: the quantizer below is its FAISS index's
-    loaded = faiss.downcast_index(faiss.extract_index_ivf(reloaded.faiss).quantizer)
+    loaded = faiss.downcast_index(ivf.quantizer)
     assert type(loaded).__name__ == {"flat": "IndexFlatIP", "hnsw": "IndexHNSWFlat"}[quantizer]
     if quantizer == "hnsw":  # searched wider than it was built (k-means and adds at 16)
         assert loaded.hnsw.efSearch == kinds.QUANTIZER_EF_SEARCH

@@ -7,7 +7,9 @@ N < 50,000         ``flat``  (IndexFlatIP)     exact; a full scan of 50k x 256 f
 50,000 <= N < 5M   ``hnsw``  (HNSW32, IP)      ~0.3 ms per query at recall@10 ~0.99 for 1M;
                                                efConstruction 40, efSearch 128
 N >= 5,000,000     ``ivfpq`` (IVF + PQ, IP)    HNSW keeps every float (5M x 256 = 5 GB plus
-                                               links); PQ stores D/4 bytes per vector.
+                                               links); PQ of D/4 sub-vectors: 4-bit codes
+                                               in memory (fast scan) up to 2 GB of codes,
+                                               8-bit codes in lists on disk past that.
                                                nlist ~ 4 sqrt(N), nprobe 32, trained on a sample;
                                                from 8,192 lists an HNSW graph finds the lists
 =================  ==========================  ==============================================
@@ -44,6 +46,8 @@ FAISS_CLASSES = {
     "ivfflat": "IndexIVFFlat",
     "ivfpq": "IndexIVFPQ",
 }
+# An IVF-PQ index in memory is scanned 4 bits at a time (``ivfpq_shape``'s layouts).
+FAISS_CLASSES_ALSO = {"ivfpq": ("IndexIVFPQFastScan",)}
 FLAT_MAX = 50_000  # below this, exact search
 HNSW_MAX = 5_000_000  # below this, HNSW; above, IVF-PQ
 HNSW_M = 32
@@ -57,6 +61,11 @@ IVF_NPROBE = 32
 HNSW_QUANTIZER_NLIST = 8192
 QUANTIZER_EF_BUILD = 16  # k-means and adds: a vector in a neighbouring list costs little
 QUANTIZER_EF_SEARCH = 64  # queries: at least nprobe (HNSW searches max(efSearch, k))
+# IVF-PQ keeps its codes in memory while they take at most this, as 4-bit codes that FAISS's
+# fast scan compares 32 at a time with SIMD; past it, as 8-bit codes in lists on disk, which a
+# query reads code by code (coembed.index.ondisk). Measured at 10M x 256, nlist 12,649, nprobe
+# 96, re-ranked: recall@10 0.954 at 1.9 ms per query in memory, 0.958 at 6.5 ms on disk.
+IN_MEMORY_CODES_MAX = 2 << 30
 ADD_CHUNK = 65_536  # vectors per FAISS add call: big enough for its threads, small for a bar
 
 
@@ -129,9 +138,12 @@ def ivfpq_shape(n: int, dim: int) -> dict[str, int]:
         raise UsageError(f"an IVF index needs at least 64 vectors to train on, got {n}")
     # k-means wants ~39+ points per centroid; a codebook of 2^bits centroids likewise.
     nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
-    bits = 8 if n >= 256 * 39 else 4
+    m = pq_subquantizers(dim)
+    in_memory = n * (m // 2 + 8) <= IN_MEMORY_CODES_MAX  # 4-bit codes and 8-byte ids
+    bits = 8 if n >= 256 * 39 and not in_memory else 4
     quantizer = "hnsw" if nlist >= HNSW_QUANTIZER_NLIST else "flat"
-    return {"nlist": nlist, "m": pq_subquantizers(dim), "bits": bits, "quantizer": quantizer}
+    layout = "fastscan" if in_memory else "ondisk"
+    return {"nlist": nlist, "m": m, "bits": bits, "quantizer": quantizer, "layout": layout}
 
 
 def training_sample_size(n: int, shape: dict[str, int]) -> int:
@@ -149,7 +161,8 @@ def trained_ivfpq(faiss: Any, sample: np.ndarray, shape: dict[str, int]) -> Any:
         quantizer.hnsw.efSearch = QUANTIZER_EF_BUILD
     else:
         quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFPQ(
+    kind = faiss.IndexIVFPQFastScan if shape.get("layout") == "fastscan" else faiss.IndexIVFPQ
+    index = kind(
         quantizer, dim, shape["nlist"], shape["m"], shape["bits"], faiss.METRIC_INNER_PRODUCT
     )
     index.train(np.ascontiguousarray(sample, np.float32))

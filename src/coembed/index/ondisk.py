@@ -1,5 +1,8 @@
 """IVF-PQ bigger than memory: trained on a sample, filled part by part, its lists merged on disk.
 
+(While its codes fit ``kinds.IN_MEMORY_CODES_MAX``, IVF-PQ keeps them in memory instead, 4 bits
+each for FAISS's fast scan: ``fill_in_memory``.)
+
 The build never holds more than one part's vectors and the training sample: IVF-PQ is trained
 on a sample drawn from every part, each part's vectors are added to a copy of the trained index
 (its inverted lists small: the PQ codes and ids of one part) written to a block file, and the
@@ -48,6 +51,20 @@ def train_on_parts(blocks: Blocks, n: int, dim: int) -> tuple[Any, dict[str, int
     sample_ids = np.sort(rng.choice(n, training_sample_size(n, shape), replace=False))
     sample = rows_of(blocks, sample_ids, dim)
     return trained_ivfpq(import_faiss(), sample, shape), shape
+
+
+def fill_in_memory(
+    trained: Any, blocks: Iterable[tuple[int, np.ndarray, np.ndarray]], total: int
+) -> Any:
+    """Add every part's vectors to ``trained`` itself, lists in memory (ids: the parts' ids,
+    which run on from 0 as FAISS numbers what it is given)."""
+    with progress_bar(total=total, unit="vec", desc="adding to IVF-PQ", leave=False) as bar:
+        for _, vectors, ids in blocks:
+            if len(ids) and ids[0] != trained.ntotal:
+                raise ValueError(f"part ids start at {ids[0]}, the index holds {trained.ntotal}")
+            trained.add(vectors)
+            bar.update(len(ids))
+    return trained
 
 
 def fill_on_disk(

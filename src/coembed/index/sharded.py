@@ -155,7 +155,7 @@ def merge_parts(
         raise UsageError("nothing to index: no readable images or non-empty texts")
     actual = choose_kind(merged.count) if kind == "auto" else kind
     if actual == "ivfpq" and (kind == "ivfpq" or merged.count >= HNSW_MAX):
-        index = _on_disk_index(root, merged, plan["modality"], embedder, kind, target_recall)
+        index = _ivfpq_index(root, merged, plan["modality"], embedder, kind, target_recall)
     else:
         vectors = np.concatenate(
             [np.zeros((0, merged.dim), np.float32)]
@@ -175,7 +175,7 @@ def _finish(index: Index, merged: shards.Merged) -> None:
     index.roots = merged.roots if index.modality == "image" else None
 
 
-def _on_disk_index(
+def _ivfpq_index(
     root: Path,
     merged: shards.Merged,
     modality: str,
@@ -183,8 +183,9 @@ def _on_disk_index(
     kind: str,
     target_recall: float | None,
 ) -> Index:
-    """IVF-PQ trained on a sample of the parts, its lists merged on disk as it is saved."""
-    from coembed.index.ondisk import fill_on_disk, rows_of, train_on_parts
+    """IVF-PQ trained on a sample of the parts, filled part by part as it is saved: its lists
+    merged on disk, or in memory while its codes fit (``kinds.ivfpq_shape``)."""
+    from coembed.index.ondisk import fill_in_memory, fill_on_disk, rows_of, train_on_parts
 
     def blocks():
         return shards.part_vectors(root, merged)
@@ -205,18 +206,23 @@ def _on_disk_index(
         from coembed.files import atomic_write
 
         def fill(tmp: str) -> None:
-            out = np.lib.format.open_memmap(tmp, "w+", RERANK_DTYPE, (merged.count, merged.dim))
-            for _, vectors, ids in blocks():
-                if len(ids):
-                    out[ids[0] : ids[-1] + 1] = vectors
-            out.flush()
-            del out
+            # Appended part after part (their ids run on from 0), not through a memory map:
+            # a written map's pages would count in the process's memory until flushed.
+            header = {"descr": np.dtype(RERANK_DTYPE).str, "fortran_order": False,
+                      "shape": (merged.count, merged.dim)}  # fmt: skip
+            with open(tmp, "wb") as out:
+                np.lib.format.write_array_header_2_0(out, header)
+                for _, vectors, _ids in blocks():
+                    out.write(np.ascontiguousarray(vectors, RERANK_DTYPE).tobytes())
 
         atomic_write(path, fill)
         written.append(path)
 
     def make(ivfdata: Path) -> tuple[Any, dict[str, Any]]:
-        faiss_index = fill_on_disk(trained, blocks(), ivfdata, merged.count)
+        if shape["layout"] == "ondisk":
+            faiss_index = fill_on_disk(trained, blocks(), ivfdata, merged.count)
+        else:
+            faiss_index = fill_in_memory(trained, blocks(), merged.count)
         params: dict[str, Any] = {**shape, "nprobe": int(faiss_index.nprobe)}
         apply_search_params(faiss_index, "ivfpq", params)
         learned: dict[str, Any] = {"count": int(faiss_index.ntotal), "params": params}

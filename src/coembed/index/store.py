@@ -44,7 +44,13 @@ from coembed.files import (
     is_disk_full,
     umask_mode,
 )
-from coembed.index.kinds import FAISS_CLASSES, KINDS, faiss_quiet, import_faiss
+from coembed.index.kinds import (
+    FAISS_CLASSES,
+    FAISS_CLASSES_ALSO,
+    KINDS,
+    faiss_quiet,
+    import_faiss,
+)
 from coembed.index.rerank import RERANK_DTYPE
 from coembed.locks import writer_lock
 from coembed.schema import Range, check_shape, read_json
@@ -260,7 +266,7 @@ def disagreement(index: Any, meta: dict[str, Any], manifest: dict[str, Any]) -> 
     faiss = import_faiss()
     kind, files = manifest["kind"], manifest["files"]
     found = type(index).__name__
-    if found != FAISS_CLASSES[kind]:
+    if found != FAISS_CLASSES[kind] and found not in FAISS_CLASSES_ALSO.get(kind, ()):
         wanted = FAISS_CLASSES[kind]
         return f"{files['faiss']} is an {found}, but {MANIFEST} says kind {kind} ({wanted})"
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
@@ -347,8 +353,8 @@ def write_index_files(
     ``vectors``: the re-ranking vectors (``coembed.index.rerank``), an array or a function
     writing the file; written first. An index whose inverted lists live on disk comes as
     ``make_faiss(ivfdata_path)`` instead of ``faiss_index``: it writes the generation's
-    ``.ivfdata`` file and returns the index over it and what the manifest learns from building
-    it (count, params, tuning).
+    ``.ivfdata`` file (or none, for lists it keeps in memory) and returns the index and what
+    the manifest learns from building it (count, params, tuning).
     """
     with writer_lock(root):
         created = not root.exists()
@@ -368,7 +374,9 @@ def write_index_files(
             if make_faiss is not None:
                 ivfdata = f"index-{generation:06d}.ivfdata"
                 faiss_index, learned = make_faiss(root / ivfdata)
-                manifest = {**manifest, **learned, "ivfdata": ivfdata}
+                manifest = {**manifest, **learned}
+                if (root / ivfdata).is_file():  # its lists on disk, not in memory
+                    manifest["ivfdata"] = ivfdata
             manifest = _commit_generation(
                 root, generation, faiss_index, meta, manifest, model_files
             )
