@@ -202,20 +202,7 @@ def _ivfpq_index(
     written: list[Path] = []
 
     def write_rerank(path: Path) -> None:
-        """The parts' vectors, streamed into one memory-mapped file."""
-        from coembed.files import atomic_write
-
-        def fill(tmp: str) -> None:
-            # Appended part after part (their ids run on from 0), not through a memory map:
-            # a written map's pages would count in the process's memory until flushed.
-            header = {"descr": np.dtype(RERANK_DTYPE).str, "fortran_order": False,
-                      "shape": (merged.count, merged.dim)}  # fmt: skip
-            with open(tmp, "wb") as out:
-                np.lib.format.write_array_header_2_0(out, header)
-                for _, vectors, _ids in blocks():
-                    out.write(np.ascontiguousarray(vectors, RERANK_DTYPE).tobytes())
-
-        atomic_write(path, fill)
+        _write_vectors(path, blocks(), merged)
         written.append(path)
 
     def make(ivfdata: Path) -> tuple[Any, dict[str, Any]]:
@@ -242,6 +229,23 @@ def _ivfpq_index(
 
     index.save(root, make_faiss=make, rerank=write_rerank)
     return index
+
+
+def _write_vectors(path: Path, blocks: Any, merged: shards.Merged) -> None:
+    """The parts' vectors, one after another (their ids run on from 0), into one .npy file
+    read memory-mapped for re-ranking. Appended, not written through a memory map: a written
+    map's pages would count in the process's memory until flushed."""
+    from coembed.files import atomic_write
+
+    def fill(tmp: str) -> None:
+        header = {"descr": np.dtype(RERANK_DTYPE).str, "fortran_order": False,
+                  "shape": (merged.count, merged.dim)}  # fmt: skip
+        with open(tmp, "wb") as out:
+            np.lib.format.write_array_header_2_0(out, header)
+            for _, vectors, _ids in blocks:
+                out.write(np.ascontiguousarray(vectors, RERANK_DTYPE).tobytes())
+
+    atomic_write(path, fill)
 
 
 def merge_model(root: Path, model: str | os.PathLike | None, device: str) -> Any:
