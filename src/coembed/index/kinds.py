@@ -222,8 +222,9 @@ def apply_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
         index.hnsw.efSearch = int(params.get("efSearch", HNSW_EF_SEARCH))
     elif kind in IVF_KINDS:
         index.nprobe = int(params.get("nprobe", IVF_NPROBE))
-        quantizer = import_faiss().downcast_index(index.quantizer)
-        if isinstance(quantizer, import_faiss().IndexHNSWFlat):
+        faiss = import_faiss()
+        quantizer = faiss.downcast_index(index.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSWFlat):
             quantizer.hnsw.efSearch = QUANTIZER_EF_SEARCH
 
 
