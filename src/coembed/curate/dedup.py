@@ -117,7 +117,7 @@ def index_vectors(index: Index) -> np.ndarray:
     from coembed.index.kinds import import_faiss
 
     if index.rerank is not None:
-        return np.asarray(index.rerank, np.float32)
+        return np.asarray(index.rerank.vectors, np.float32)
     try:
         return index.faiss.reconstruct_n(0, len(index))
     except RuntimeError:

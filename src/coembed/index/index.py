@@ -8,7 +8,7 @@ embedded again. An explicit kind is kept. Files on disk: ``coembed.index.store``
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +34,8 @@ from coembed.index.kinds import (
     new_faiss_index,
 )
 from coembed.index.query import Query, Term, check_images, embed_query, parse_query
-from coembed.index.rerank import RERANK_DTYPE, Reranked
+from coembed.index.rerank import Reranked, RerankVectors
+from coembed.index.strings import StringLists, Strings
 from coembed.index.tune import (
     DEFAULT_TARGET,
     Tuning,
@@ -56,25 +57,26 @@ class Index:
     def __init__(
         self,
         faiss_index: Any,
-        items: list[str],
+        items: Sequence[str],
         *,
         kind: str,
         requested_kind: str = "auto",
         modality: str = "image",
         model: dict[str, Any] | None = None,
         params: dict[str, Any] | None = None,
-        captions: list[list[str]] | None = None,
+        captions: Sequence[Sequence[str]] | None = None,
         skipped: list[list[str]] | None = None,
         roots: list[str] | None = None,
         tuning: dict[str, Any] | None = None,
         target_recall: float | None = None,
-        rerank: np.ndarray | None = None,
+        rerank: RerankVectors | None = None,
         embedder: Embedder | None = None,
         model_files: Path | None = None,
         device: str = "auto",
     ):
         self.faiss = faiss_index
-        self.items = items
+        # compact (coembed.index.strings): at 10M items, 1.4 GB as Python lists, 0.3 GB so
+        self.items = items if isinstance(items, Strings) else Strings(items)
         self.kind = kind
         self.requested_kind = requested_kind
         self.modality = modality
@@ -85,7 +87,9 @@ class Index:
             "embed_dim": faiss_index.d,
         }
         self.params = params or {}
-        self.captions = captions if captions is not None else [[] for _ in items]
+        if not isinstance(captions, StringLists):
+            captions = StringLists(captions if captions is not None else [[]] * len(self.items))
+        self.captions = captions
         self.skipped = skipped or []
         # The folders the indexed image files were in (see inputs.image_roots); None for an
         # index saved before they were recorded, or built from vectors.
@@ -93,7 +97,7 @@ class Index:
         # What the build's recall tuning chose and measured (coembed.index.tune); None: untuned.
         self.tuning = tuning
         self.target_recall = target_recall  # what the build tuned to, and an add tunes to again
-        # IVF-PQ: the vectors (N, D) float32 its candidates are re-scored with (coembed.index.rerank)
+        # IVF-PQ: the vectors its candidates are re-scored with (coembed.index.rerank)
         self.rerank = rerank
         self._embedder = embedder
         self._model_files = model_files  # where the model's files are, to copy them on save
@@ -297,10 +301,11 @@ class Index:
             self.kind = wanted
             add_in_chunks(self.faiss, old, progress)
             if wanted == "ivfpq":  # from now on re-ranked with the vectors (coembed.index.rerank)
-                self.rerank = np.array(old, RERANK_DTYPE)
+                self.rerank = RerankVectors.in_memory(old)
         add_in_chunks(self.faiss, vectors, progress)
         if self.rerank is not None:
-            self.rerank = np.concatenate([self.rerank, np.array(vectors, RERANK_DTYPE)])
+            old = np.asarray(self.rerank.vectors)
+            self.rerank = RerankVectors.in_memory(np.concatenate([old, vectors]))
         self.items.extend(items)
         self.captions.extend(captions if captions is not None else [[] for _ in items])
         self._retune(progress)
@@ -409,7 +414,7 @@ class Index:
             roots=manifest.get("roots"),
             tuning=manifest.get("tuning"),
             target_recall=manifest.get("target_recall"),
-            rerank=meta.get("vectors"),
+            rerank=meta.get("rerank"),
             embedder=embedder,
             model_files=copy if copy and copy.is_dir() else store.model_dir_if_same(model),
             device=device,
@@ -418,14 +423,14 @@ class Index:
     def save(
         self,
         directory: str | os.PathLike,
-        make_faiss: Callable[[Path], tuple[Any, dict[str, Any]]] | None = None,
-        rerank: Callable[[Path], None] | None = None,
+        make_faiss: store.MakeFaiss | None = None,
+        rerank: store.VectorBlocks | None = None,
     ) -> Path:
         """Write the index into ``directory`` atomically (see ``coembed.index.store``); returns
-        it. ``make_faiss`` and ``rerank``: an index built on disk as it is saved, and the
-        writer of its re-ranking vectors (``store.write_index_files``)."""
+        it. ``make_faiss`` and ``rerank``: an index built as it is saved, and its re-ranking
+        vectors block by block (``store.write_index_files``)."""
         root = Path(directory)
-        meta = {"items": self.items, "captions": self.captions, "skipped": self.skipped}
+        meta = {"items": list(self.items), "captions": list(self.captions), "skipped": self.skipped}
         description = {
             "kind": self.kind,
             "requested_kind": self.requested_kind,
@@ -446,7 +451,7 @@ class Index:
             description,
             self._model_files,
             make_faiss,
-            rerank if rerank is not None else self.rerank,
+            rerank or (self.rerank.vectors if self.rerank is not None else None),
         )
         self.model = written["model"]
         if self._model_files is not None and self.model["copy"]:
@@ -461,7 +466,7 @@ class Built:
     faiss: Any
     params: dict[str, Any]
     tuning: Tuning | None
-    rerank: np.ndarray | None
+    rerank: RerankVectors | None
 
 
 def built_and_tuned(kind: str, vectors: np.ndarray, target: float | None, progress: bool) -> Built:
@@ -470,7 +475,7 @@ def built_and_tuned(kind: str, vectors: np.ndarray, target: float | None, progre
     index, params = new_faiss_index(kind, vectors)
     add_in_chunks(index, vectors, progress)
     apply_search_params(index, kind, params)
-    rerank = np.array(vectors, RERANK_DTYPE) if kind == "ivfpq" else None
+    rerank = RerankVectors.in_memory(vectors) if kind == "ivfpq" else None
     tuning = None
     if target is not None:
         tuning = tune_in_memory(index, kind, vectors, target, progress, rerank)
@@ -485,7 +490,7 @@ def tune_in_memory(
     vectors: np.ndarray,
     target: float,
     progress: bool,
-    rerank: np.ndarray | None = None,
+    rerank: RerankVectors | None = None,
 ) -> Tuning | None:
     """Tune an approximate index over in-memory ``vectors`` (N, D) to ``target`` recall@10
     (searched as the index is: re-ranked with ``rerank`` when it has them)."""
@@ -524,7 +529,7 @@ def item_vectors(query: Query, index: Index) -> dict[str, np.ndarray]:
 
 def _item_vector(index: Index, item_id: int) -> np.ndarray:
     if index.rerank is not None:  # IVF-PQ keeps the vectors it re-ranks with
-        return np.array(index.rerank[item_id], np.float32)
+        return np.array(index.rerank.vectors[item_id], np.float32)
     try:
         return index.faiss.reconstruct(item_id)
     except RuntimeError:  # IVF-PQ keeps codes without an id map: embed the item again

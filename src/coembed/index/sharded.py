@@ -4,6 +4,7 @@ rank, and on rank 0 build the index from the parts (``coembed.index.shards`` has
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ import coembed.index.store as store
 from coembed.errors import IndexError_, UsageError
 from coembed.index.index import Index
 from coembed.index.kinds import HNSW_MAX, apply_search_params, check_kind, choose_kind
-from coembed.index.rerank import RERANK_DTYPE, Reranked
+from coembed.index.rerank import Reranked, RerankVectors
 from coembed.index.tune import DEFAULT_TARGET, exact_neighbours, sample_ids, tune_recall
 
 if TYPE_CHECKING:
@@ -199,13 +200,10 @@ def _ivfpq_index(
     )  # fmt: skip
     _finish(index, merged)
 
-    written: list[Path] = []
+    def vectors() -> Iterator[np.ndarray]:
+        return (v for _, v, _ in blocks())
 
-    def write_rerank(path: Path) -> None:
-        _write_vectors(path, blocks(), merged)
-        written.append(path)
-
-    def make(ivfdata: Path) -> tuple[Any, dict[str, Any]]:
+    def make(ivfdata: Path, rerank: RerankVectors | None) -> tuple[Any, dict[str, Any]]:
         if shape["layout"] == "ondisk":
             faiss_index = fill_on_disk(trained, blocks(), ivfdata, merged.count)
         else:
@@ -217,35 +215,16 @@ def _ivfpq_index(
             ids = sample_ids(merged.count)
             queries = rows_of(blocks, ids, merged.dim)
             exact = exact_neighbours(queries, ids, ((v, i) for _, v, i in blocks()))
-            rerank = Reranked(
-                faiss_index, store.read_vectors(written[0], (merged.count, merged.dim))
-            )
+            searcher = Reranked(faiss_index, rerank)
             tuning = tune_recall(
-                faiss_index, "ivfpq", queries, ids, exact, target_recall, searcher=rerank
+                faiss_index, "ivfpq", queries, ids, exact, target_recall, searcher=searcher
             )
             params["nprobe"] = tuning.value
             learned["tuning"] = tuning.as_json()
         return faiss_index, learned
 
-    index.save(root, make_faiss=make, rerank=write_rerank)
+    index.save(root, make_faiss=make, rerank=vectors)
     return index
-
-
-def _write_vectors(path: Path, blocks: Any, merged: shards.Merged) -> None:
-    """The parts' vectors, one after another (their ids run on from 0), into one .npy file
-    read memory-mapped for re-ranking. Appended, not written through a memory map: a written
-    map's pages would count in the process's memory until flushed."""
-    from coembed.files import atomic_write
-
-    def fill(tmp: str) -> None:
-        header = {"descr": np.dtype(RERANK_DTYPE).str, "fortran_order": False,
-                  "shape": (merged.count, merged.dim)}  # fmt: skip
-        with open(tmp, "wb") as out:
-            np.lib.format.write_array_header_2_0(out, header)
-            for _, vectors, _ids in blocks:
-                out.write(np.ascontiguousarray(vectors, RERANK_DTYPE).tobytes())
-
-    atomic_write(path, fill)
 
 
 def merge_model(root: Path, model: str | os.PathLike | None, device: str) -> Any:

@@ -6,6 +6,8 @@ The index directory::
                           of the current generation; replacing it is the commit point
     index-000007.faiss    the FAISS index of generation 7
     items-000007.json     per vector: the item (image path or text) and its captions
+    vectors-000007.npy    IVF-PQ only: the vectors its candidates are re-scored with, and
+    codes-000007.npy      one byte per value of them, to shortlist with (coembed.index.rerank)
     model-<digest>/       a copy (hard link when possible) of the model directory that built it,
                           so ``coembed search --index DIR`` needs nothing else
     skipped.txt           images that could not be decoded, with the reason
@@ -29,7 +31,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +53,7 @@ from coembed.index.kinds import (
     faiss_quiet,
     import_faiss,
 )
-from coembed.index.rerank import RERANK_DTYPE
+from coembed.index.rerank import RERANK_DTYPE, Codes, RerankVectors, VectorFile
 from coembed.locks import writer_lock
 from coembed.schema import Range, check_shape, read_json
 
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
 SKIPPED_FILE = "skipped.txt"
-GENERATION = re.compile(r"^(index|items|vectors)-(\d{6,})\.(faiss|json|ivfdata|npy)$")
+GENERATION = re.compile(r"^(index|items|vectors|codes)-(\d{6,})\.(faiss|json|ivfdata|npy)$")
 PARTS = "parts"  # a sharded build's embedding shards (coembed.index.shards)
 
 
@@ -186,7 +188,8 @@ MANIFEST_SHAPE = {
         "embed_dim": Range(int, 1),
         "copy?": (str, None),
     },
-    "files": {"faiss": str, "items": str, "ivfdata?": str, "vectors?": str},
+    "files": {"faiss": str, "items": str, "ivfdata?": str, "vectors?": str, "codes?": str},
+    "codes_range?": {"low": [float], "step": [float]},
     "skipped?": Range(int, 0),
     "roots?": ([str], None),
     "target_recall?": (Range(float, 0, 1), None),
@@ -234,12 +237,18 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     names = [("faiss", "index", "faiss"), ("items", "items", "json")]
     if "ivfdata" in files:
         names.append(("ivfdata", "index", "ivfdata"))
-    if "vectors" in files:
-        names.append(("vectors", "vectors", "npy"))
+    for key in ("vectors", "codes"):
+        if key in files:
+            names.append((key, key, "npy"))
     for key, stem, suffix in names:
         found = GENERATION.match(files[key])
         if not found or found.group(1) != stem or found.group(3) != suffix:
             return f"files.{key}: {files[key]!r} is not a {stem}-NNNNNN.{suffix} file of the index"
+    value_range = manifest.get("codes_range")
+    if ("codes" in files) != (value_range is not None):
+        return "files.codes and codes_range come together: one is missing"
+    if value_range and {len(value_range["low"]), len(value_range["step"])} != {manifest["dim"]}:
+        return f"codes_range: not {manifest['dim']} values per dimension"
     if model.get("copy") is not None and not MODEL_COPY.match(model["copy"]):
         return f"model.copy: {model['copy']!r} is not a model-<digest> folder of the index"
     if manifest["dim"] != model["embed_dim"]:
@@ -288,12 +297,12 @@ def disagreement(index: Any, meta: dict[str, Any], manifest: dict[str, Any]) -> 
 def read_index_files(root: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(FAISS index, items metadata, manifest) of the generation the manifest names, checked
     to agree with each other; one IndexError_ for anything missing, damaged or inconsistent.
-    An index with re-ranking vectors has them, memory-mapped, in ``meta["vectors"]``."""
+    An index with re-ranking vectors has them in ``meta["rerank"]`` (``RerankVectors``)."""
     manifest = read_manifest(root)
     files = manifest["files"]
     faiss_path, items_path = root / files["faiss"], root / files["items"]
     needed = [faiss_path, items_path] + [
-        root / files[k] for k in ("ivfdata", "vectors") if k in files
+        root / files[k] for k in ("ivfdata", "vectors", "codes") if k in files
     ]
     for path in needed:
         if not path.is_file():
@@ -305,33 +314,74 @@ def read_index_files(root: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     if problem:
         raise IndexError_(f"{root}: {problem}; {REBUILD}")
     if "vectors" in files:
-        meta["vectors"] = read_vectors(
-            root / files["vectors"], (manifest["count"], manifest["dim"])
-        )
+        meta["rerank"] = read_rerank(root, manifest)
     return index, meta, manifest
 
 
-def read_vectors(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """The (N, D) float32 re-ranking vectors in ``path``, memory-mapped; checked."""
+def read_rerank(root: Path, manifest: dict[str, Any]) -> RerankVectors:
+    """The re-ranking vectors the manifest names, checked: the float32 rows read on demand,
+    the codes (when the index has them) memory-mapped."""
+    shape, files = (manifest["count"], manifest["dim"]), manifest["files"]
+    vectors = _mapped_npy(root / files["vectors"], shape, RERANK_DTYPE)
+    rows = VectorFile(root / files["vectors"], shape, vectors.offset)
+    if "codes" not in files:  # saved before the codes were
+        return RerankVectors(rows)
+    codes = _mapped_npy(root / files["codes"], shape, np.uint8)
+    value_range = manifest["codes_range"]
+    return RerankVectors(rows, Codes(codes, value_range["low"], value_range["step"]))
+
+
+def _mapped_npy(path: Path, shape: tuple[int, int], dtype: Any) -> np.memmap:
     try:
-        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError):
         raise IndexError_(f"{path}: unreadable (truncated or corrupt); {REBUILD}") from None
-    if vectors.shape != shape or vectors.dtype != RERANK_DTYPE:
+    if array.shape != shape or array.dtype != dtype:
         raise IndexError_(
-            f"{path}: {vectors.dtype} {vectors.shape}, expected float32 {shape}; {REBUILD}"
+            f"{path}: {array.dtype} {array.shape}, expected {np.dtype(dtype)} {shape}; {REBUILD}"
         )
-    return vectors
+    return array
 
 
-def write_vectors(path: Path, vectors: np.ndarray) -> None:
-    """Save (N, D) re-ranking vectors as float32 (to a temporary name, then renamed)."""
+VectorBlocks = Callable[[], Iterable[np.ndarray]]  # the (B, D) vectors, block after block
+MakeFaiss = Callable[[Path, "RerankVectors | None"], tuple[Any, dict[str, Any]]]
+BLOCK_ROWS = 65_536
 
-    def save(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(vectors, RERANK_DTYPE))
 
-    atomic_write(path, save)
+def _blocks_of(vectors: Any) -> VectorBlocks:
+    """``vectors`` as blocks: a blocks function as it is, (N, D) array-like a slice at a time."""
+    if callable(vectors):
+        return vectors
+    array = np.asarray(vectors)
+    return lambda: (array[s : s + BLOCK_ROWS] for s in range(0, len(array), BLOCK_ROWS))
+
+
+def write_rerank(
+    vectors_path: Path, codes_path: Path, blocks: VectorBlocks, shape: tuple[int, int]
+) -> dict[str, Any]:
+    """Write the re-ranking vectors (float32) and their codes (``rerank.Codes``, over the range
+    seen while writing the vectors), each to a temporary name, then renamed; ``blocks`` is read
+    twice. Returns the codes' range, for the manifest. Rows are appended, not written through a
+    memory map, whose written pages would count in the process's memory until flushed."""
+    seen: list[np.ndarray] = []  # each block's per-dimension (min, max), (2, D)
+
+    def fill(path: str, dtype: Any, convert: Callable[[np.ndarray], np.ndarray]) -> None:
+        header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+        with open(path, "wb") as out:
+            np.lib.format.write_array_header_2_0(out, header)
+            for block in blocks():
+                out.write(np.ascontiguousarray(convert(block), dtype).tobytes())
+
+    def vectors_seen(block: np.ndarray) -> np.ndarray:
+        if len(block):
+            seen.append(np.stack([block.min(axis=0), block.max(axis=0)]))
+        return block
+
+    atomic_write(vectors_path, lambda tmp: fill(tmp, RERANK_DTYPE, vectors_seen))
+    low, step = Codes.value_range(seen)
+    codes = Codes(np.empty((0, shape[1]), np.uint8), low, step)
+    atomic_write(codes_path, lambda tmp: fill(tmp, np.uint8, codes.encode))
+    return {"low": low.tolist(), "step": step.tolist()}
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -343,18 +393,19 @@ def write_index_files(
     meta: dict[str, Any],
     manifest: dict[str, Any],
     model_files: Path | None,
-    make_faiss: Callable[[Path], tuple[Any, dict[str, Any]]] | None = None,
-    vectors: np.ndarray | Callable[[Path], None] | None = None,
+    make_faiss: MakeFaiss | None = None,
+    vectors: Any = None,
 ) -> dict[str, Any]:
     """Save one generation into ``root`` and commit it (see the module docstring).
 
     ``meta`` holds items, captions and skipped; ``manifest`` the index's description (kind,
     count, model identity...). Returns the manifest as written, its model with ``copy`` set.
-    ``vectors``: the re-ranking vectors (``coembed.index.rerank``), an array or a function
-    writing the file; written first. An index whose inverted lists live on disk comes as
-    ``make_faiss(ivfdata_path)`` instead of ``faiss_index``: it writes the generation's
-    ``.ivfdata`` file (or none, for lists it keeps in memory) and returns the index and what
-    the manifest learns from building it (count, params, tuning).
+    ``vectors``: the re-ranking vectors (``coembed.index.rerank``), (N, D) array-like or a
+    function giving them block by block (``VectorBlocks``); written first, with their codes. An
+    index built as it is saved comes as ``make_faiss(ivfdata_path, rerank)`` instead of
+    ``faiss_index``: it writes the generation's ``.ivfdata`` file (or none, for lists it keeps
+    in memory), may search re-ranked with the files just written (``rerank``), and returns the
+    index and what the manifest learns from building it (count, params, tuning).
     """
     with writer_lock(root):
         created = not root.exists()
@@ -365,15 +416,19 @@ def write_index_files(
         copies_before = {p.name for p in root.iterdir() if p.name.startswith("model-")}
         try:
             if vectors is not None:  # first: building on disk may search with them
-                name = f"vectors-{generation:06d}.npy"
-                if callable(vectors):
-                    vectors(root / name)
-                else:
-                    write_vectors(root / name, vectors)
-                manifest = {**manifest, "vectors": name}
+                names = {key: f"{key}-{generation:06d}.npy" for key in ("vectors", "codes")}
+                value_range = write_rerank(
+                    root / names["vectors"], root / names["codes"], _blocks_of(vectors),
+                    (len(meta["items"]), manifest["dim"]),  # one item per vector
+                )  # fmt: skip
+                manifest = {**manifest, **names, "codes_range": value_range}
             if make_faiss is not None:
                 ivfdata = f"index-{generation:06d}.ivfdata"
-                faiss_index, learned = make_faiss(root / ivfdata)
+                rerank = None
+                if vectors is not None:
+                    count = len(meta["items"])
+                    rerank = read_rerank(root, {**manifest, "count": count, "files": names})
+                faiss_index, learned = make_faiss(root / ivfdata, rerank)
                 manifest = {**manifest, **learned}
                 if (root / ivfdata).is_file():  # its lists on disk, not in memory
                     manifest["ivfdata"] = ivfdata
@@ -392,6 +447,7 @@ def write_index_files(
             files["items"],
             files.get("ivfdata"),
             files.get("vectors"),
+            files.get("codes"),
             manifest["model"]["copy"],
         }
         remove_old_files(root, keep=keep)
@@ -413,7 +469,7 @@ def _commit_generation(
     atomic_write_text(root / items_name, json.dumps(meta, ensure_ascii=False))
     model = {**manifest["model"], "copy": copy_model(model_files, root, manifest["model"])}
     files = {"faiss": faiss_name, "items": items_name}
-    for key in ("ivfdata", "vectors"):
+    for key in ("ivfdata", "vectors", "codes"):
         if key in manifest:
             files[key] = manifest.pop(key)
     manifest = {**manifest, "format_version": FORMAT_VERSION, "model": model, "files": files}
@@ -440,7 +496,12 @@ def _remove_uncommitted(
         committed = False
     if committed:  # interrupted just after the commit: the new generation is the index now
         return
-    for stem, suffix in (("items", "json"), ("index", "ivfdata"), ("vectors", "npy")):
+    for stem, suffix in (
+        ("items", "json"),
+        ("index", "ivfdata"),
+        ("vectors", "npy"),
+        ("codes", "npy"),
+    ):
         (root / f"{stem}-{generation:06d}.{suffix}").unlink(missing_ok=True)
     (root / faiss_name).unlink(missing_ok=True)
     for path in root.iterdir():
@@ -451,7 +512,7 @@ def _remove_uncommitted(
 
 
 def _is_temporary(name: str) -> bool:
-    temp_of = (".index-", ".items-", ".vectors-", ".blocks-", ".model-", f".{MANIFEST}.")
+    temp_of = (".index-", ".items-", ".vectors-", ".codes-", ".blocks-", ".model-", f".{MANIFEST}.")
     temp_of += (f".{SKIPPED_FILE}.",)
     return name.startswith(temp_of) and name.endswith(".tmp")
 

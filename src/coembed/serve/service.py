@@ -273,7 +273,7 @@ class SearchService:
         """The (D,) stored vector of an indexed item (re-embedded if FAISS keeps none)."""
         self._check_id(item_id)
         if self.index.rerank is not None:  # IVF-PQ keeps the vectors it re-ranks with
-            return np.array(self.index.rerank[item_id], np.float32)
+            return np.array(self.index.rerank.vectors[item_id], np.float32)
         try:
             return self.index.faiss.reconstruct(item_id)
         except RuntimeError:
