@@ -341,6 +341,35 @@ def test_a_loaded_ivfpq_index_searches_without_mapping_its_vectors(tmp_path):
         assert name not in mapped and "codes-" in mapped  # the codes are memory-mapped
 
 
+def test_damaged_rerank_files_are_one_clear_error(tmp_path):
+    import shutil
+
+    from coembed.errors import IndexError_
+
+    vectors = islands(3_000, 16, seed=5)
+    Index.from_vectors(vectors, [str(i) for i in range(3_000)], "ivfpq").save(tmp_path / "idx")
+    manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
+    for key, damage, expected in [
+        ("codes", "truncate", "unreadable"),
+        ("vectors", "truncate", "unreadable"),
+        ("codes", "drop_range", "codes_range"),
+        ("codes", "remove", "missing"),
+    ]:
+        copy = tmp_path / f"{key}-{damage}"
+        shutil.copytree(tmp_path / "idx", copy)
+        path = copy / manifest["files"][key]
+        if damage == "truncate":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        elif damage == "remove":
+            path.unlink()
+        else:
+            (copy / "index.json").write_text(
+                json.dumps({k: v for k, v in manifest.items() if k != "codes_range"})
+            )
+        with pytest.raises(IndexError_, match=expected):
+            Index.load(copy)
+
+
 def test_tuning_is_saved_and_an_add_tunes_again(tmp_path):
     vectors = islands(12_000, 32, seed=3)
     index = Index.from_vectors(vectors[:10_000], [str(i) for i in range(10_000)], "hnsw",

@@ -415,23 +415,10 @@ def write_index_files(
         )
         copies_before = {p.name for p in root.iterdir() if p.name.startswith("model-")}
         try:
-            if vectors is not None:  # first: building on disk may search with them
-                names = {key: f"{key}-{generation:06d}.npy" for key in ("vectors", "codes")}
-                value_range = write_rerank(
-                    root / names["vectors"], root / names["codes"], _blocks_of(vectors),
-                    (len(meta["items"]), manifest["dim"]),  # one item per vector
-                )  # fmt: skip
-                manifest = {**manifest, **names, "codes_range": value_range}
-            if make_faiss is not None:
-                ivfdata = f"index-{generation:06d}.ivfdata"
-                rerank = None
-                if vectors is not None:
-                    count = len(meta["items"])
-                    rerank = read_rerank(root, {**manifest, "count": count, "files": names})
-                faiss_index, learned = make_faiss(root / ivfdata, rerank)
-                manifest = {**manifest, **learned}
-                if (root / ivfdata).is_file():  # its lists on disk, not in memory
-                    manifest["ivfdata"] = ivfdata
+            if vectors is not None or make_faiss is not None:
+                faiss_index, manifest = _write_data_files(
+                    root, generation, faiss_index, meta, manifest, make_faiss, vectors
+                )
             manifest = _commit_generation(
                 root, generation, faiss_index, meta, manifest, model_files
             )
@@ -441,17 +428,38 @@ def write_index_files(
         fsync_dir(root)
         skipped = "".join(f"{source}\t{reason}\n" for source, reason in meta["skipped"])
         atomic_write_text(root / SKIPPED_FILE, skipped)
-        files = manifest["files"]
-        keep = {
-            files["faiss"],
-            files["items"],
-            files.get("ivfdata"),
-            files.get("vectors"),
-            files.get("codes"),
-            manifest["model"]["copy"],
-        }
-        remove_old_files(root, keep=keep)
+        remove_old_files(root, keep={*manifest["files"].values(), manifest["model"]["copy"]})
     return manifest
+
+
+def _write_data_files(
+    root: Path,
+    generation: int,
+    faiss_index: Any,
+    meta: dict[str, Any],
+    manifest: dict[str, Any],
+    make_faiss: MakeFaiss | None,
+    vectors: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """The re-ranking files (first: building may search with them), then the index built as it
+    is saved; returns the FAISS index and the manifest with what they add."""
+    count = len(meta["items"])  # one item per vector
+    rerank = None
+    if vectors is not None:
+        names = {key: f"{key}-{generation:06d}.npy" for key in ("vectors", "codes")}
+        value_range = write_rerank(
+            root / names["vectors"], root / names["codes"], _blocks_of(vectors),
+            (count, manifest["dim"]),
+        )  # fmt: skip
+        manifest = {**manifest, **names, "codes_range": value_range}
+        rerank = read_rerank(root, {**manifest, "count": count, "files": names})
+    if make_faiss is not None:
+        ivfdata = f"index-{generation:06d}.ivfdata"
+        faiss_index, learned = make_faiss(root / ivfdata, rerank)
+        manifest = {**manifest, **learned}
+        if (root / ivfdata).is_file():  # its lists on disk, not in memory
+            manifest["ivfdata"] = ivfdata
+    return faiss_index, manifest
 
 
 def _commit_generation(
