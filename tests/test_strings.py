@@ -40,3 +40,20 @@ def test_strings_and_string_lists_grow():
     assert captions == lists and captions[2] == ["two", "captions ü"] and captions[-1] == []
     assert captions[1:3] == lists[1:3] and len(captions) == 4
     assert StringLists([[]] * 3) == [[], [], []]
+
+
+def test_items_are_written_as_json_a_chunk_at_a_time(tmp_path, monkeypatch):
+    import json
+
+    import coembed.index.store as store
+
+    monkeypatch.setattr(store, "ITEMS_CHUNK", 3)
+    items = [f"img/{i}ü.png" for i in range(10)]
+    captions = [[f'a "quoted" caption {i}'] * (i % 3) for i in range(10)]
+    meta = {"items": Strings(items), "captions": StringLists(captions),
+            "skipped": [["x.png", "not an image"]], "none": None, "empty": []}  # fmt: skip
+    store.write_items(str(tmp_path / "items.json"), meta)
+    assert json.loads((tmp_path / "items.json").read_text("utf-8")) == {
+        "items": items, "captions": captions, "skipped": [["x.png", "not an image"]],
+        "none": None, "empty": [],
+    }  # fmt: skip

@@ -430,7 +430,7 @@ class Index:
         it. ``make_faiss`` and ``rerank``: an index built as it is saved, and its re-ranking
         vectors block by block (``store.write_index_files``)."""
         root = Path(directory)
-        meta = {"items": list(self.items), "captions": list(self.captions), "skipped": self.skipped}
+        meta = {"items": self.items, "captions": self.captions, "skipped": self.skipped}
         description = {
             "kind": self.kind,
             "requested_kind": self.requested_kind,

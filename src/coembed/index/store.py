@@ -474,7 +474,7 @@ def _commit_generation(
     faiss = import_faiss()
     faiss_name, items_name = f"index-{generation:06d}.faiss", f"items-{generation:06d}.json"
     atomic_write(root / faiss_name, lambda tmp: write_faiss(faiss, faiss_index, tmp))
-    atomic_write_text(root / items_name, json.dumps(meta, ensure_ascii=False))
+    atomic_write(root / items_name, lambda tmp: write_items(tmp, meta))
     model = {**manifest["model"], "copy": copy_model(model_files, root, manifest["model"])}
     files = {"faiss": faiss_name, "items": items_name}
     for key in ("ivfdata", "vectors", "codes"):
@@ -483,6 +483,30 @@ def _commit_generation(
     manifest = {**manifest, "format_version": FORMAT_VERSION, "model": model, "files": files}
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))  # commit
     return manifest
+
+
+ITEMS_CHUNK = 65_536  # list entries encoded at a time
+
+
+def write_items(path: str, meta: dict[str, Any]) -> None:
+    """``meta`` as one JSON object, its lists encoded a chunk of entries at a time: a 10M-item
+    index never holds its items as one JSON string, nor as Python lists (``Index.items`` is
+    ``coembed.index.strings.Strings``)."""
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("{")
+        for n, (key, value) in enumerate(meta.items()):
+            out.write(("," if n else "") + json.dumps(key) + ":")
+            if value is None or isinstance(value, (str, dict)):
+                out.write(json.dumps(value, ensure_ascii=False))
+                continue
+            out.write("[")
+            for start in range(0, len(value), ITEMS_CHUNK):
+                chunk = (
+                    json.dumps(v, ensure_ascii=False) for v in value[start : start + ITEMS_CHUNK]
+                )
+                out.write(("," if start else "") + ",".join(chunk))
+            out.write("]")
+        out.write("}")
 
 
 def write_faiss(faiss: Any, faiss_index: Any, path: str) -> None:
