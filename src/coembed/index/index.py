@@ -301,7 +301,7 @@ class Index:
             self.kind = wanted
             add_in_chunks(self.faiss, old, progress)
             if wanted == "ivfpq":  # from now on re-ranked with the vectors (coembed.index.rerank)
-                self.rerank = RerankVectors.in_memory(old)
+                self.rerank = RerankVectors(old)  # its codes made below, over every vector
         add_in_chunks(self.faiss, vectors, progress)
         if self.rerank is not None:
             old = np.asarray(self.rerank.vectors)
