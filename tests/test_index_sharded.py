@@ -368,6 +368,15 @@ def test_damaged_rerank_files_are_one_clear_error(tmp_path):
             )
         with pytest.raises(IndexError_, match=expected):
             Index.load(copy)
+    # an index saved before the codes were (no codes file, no range) re-scores every candidate
+    old = tmp_path / "before-codes"
+    shutil.copytree(tmp_path / "idx", old)
+    (old / manifest["files"]["codes"]).unlink()
+    files = {k: v for k, v in manifest["files"].items() if k != "codes"}
+    before = {k: v for k, v in manifest.items() if k != "codes_range"}
+    (old / "index.json").write_text(json.dumps({**before, "files": files}))
+    loaded = Index.load(old)
+    assert loaded.rerank.codes is None and loaded.search_ids(vectors[5], 1)[0] == [5]
 
 
 def test_tuning_is_saved_and_an_add_tunes_again(tmp_path):
