@@ -305,7 +305,8 @@ def test_codes_score_within_half_a_step_per_value():
 
 
 def test_a_vector_file_reads_only_the_rows_asked_for(tmp_path):
-    from coembed.index.store import BLOCK_ROWS, write_rerank
+    from coembed.index.store import write_rerank
+    from coembed.index.tune import BLOCK as BLOCK_ROWS
 
     vectors = np.random.default_rng(1).normal(size=(BLOCK_ROWS + 10, 8)).astype(np.float32)
     value_range = write_rerank(

@@ -54,6 +54,7 @@ from coembed.index.kinds import (
     import_faiss,
 )
 from coembed.index.rerank import RERANK_DTYPE, Codes, RerankVectors, VectorFile
+from coembed.index.tune import array_blocks
 from coembed.locks import writer_lock
 from coembed.schema import Range, check_shape, read_json
 
@@ -345,15 +346,14 @@ def _mapped_npy(path: Path, shape: tuple[int, int], dtype: Any) -> np.memmap:
 
 VectorBlocks = Callable[[], Iterable[np.ndarray]]  # the (B, D) vectors, block after block
 MakeFaiss = Callable[[Path, "RerankVectors | None"], tuple[Any, dict[str, Any]]]
-BLOCK_ROWS = 65_536
 
 
 def _blocks_of(vectors: Any) -> VectorBlocks:
-    """``vectors`` as blocks: a blocks function as it is, (N, D) array-like a slice at a time."""
+    """``vectors`` as blocks: a blocks function as it is, (N, D) array-like a block at a time."""
     if callable(vectors):
         return vectors
     array = np.asarray(vectors)
-    return lambda: (array[s : s + BLOCK_ROWS] for s in range(0, len(array), BLOCK_ROWS))
+    return lambda: (block for block, _ in array_blocks(array))
 
 
 def write_rerank(
