@@ -70,6 +70,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,8 +166,9 @@ def read_rows(path: Path) -> list[dict]:
 class Bench:
     """The work folder, data and environment shared by every side's probe, run and evaluation."""
 
-    def __init__(self, work: Path, data: Path, env: dict) -> None:
+    def __init__(self, work: Path, data: Path, env: dict, model_sets: Sequence[str] = ()) -> None:
         self.work, self.data, self.env = work, data, env
+        self.model_sets = tuple(model_sets)  # the architecture of every side, open_clip's too
         self.train, self.val, self.test = (data / f"{s}.csv" for s in ("train", "val", "test"))
         self.steps_per_epoch = len(read_rows(self.train)) // BATCH
         self.launcher: Path | None = None
@@ -176,7 +178,7 @@ class Bench:
 
     def openclip_files(self) -> tuple[Path, Path, Path, Path]:
         if self.launcher is None:
-            self.launcher, self.config = write_openclip_launcher(self.work)
+            self.launcher, self.config = write_openclip_launcher(self.work, self.model_sets)
             for split, path in (("train", self.train), ("val", self.val)):
                 self.abs_csv[split] = absolute_csv(path, self.work / f"{split}_abs.csv")
         return self.launcher, self.config, self.abs_csv["train"], self.abs_csv["val"]
@@ -362,6 +364,7 @@ def save_side(path: Path, side: Side, args: argparse.Namespace) -> None:
         "name": side.name,
         "trainer": side.trainer,
         "overrides": list(side.overrides),
+        "model_sets": list(args.model_set),  # every side's architecture, open_clip's too
         "budget_s": None if args.epochs else args.budget,
         "probe_samples_per_s": None if math.isnan(side.rate) else side.rate,
         "epochs": side.epochs,
@@ -433,6 +436,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--no-recipe", action="store_true", help="leave out the tiny recipe's own side"
     )
+    parser.add_argument(
+        "--model-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model settings of every side, open_clip's architecture too (e.g. "
+        "model.image.image_size=32): the comparison at another size",
+    )
     args = parser.parse_args()
     if args.quick:
         args.budget, args.probe, args.no_clip_tokenizer = 45.0, 20.0, True
@@ -440,10 +451,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_sides(args: argparse.Namespace) -> list[Side]:
-    sides = [] if args.no_recipe else [Side("coembed, tiny recipe", "coembed")]
+    model = tuple(args.model_set)
+    sides = [] if args.no_recipe else [Side("coembed, tiny recipe", "coembed", model)]
     if not args.no_clip_tokenizer:
-        sides.append(Side("coembed, CLIP tokenizer", "coembed", CLIP_TOKENIZER))
-    sides += [Side(label, "coembed", tuple(sets)) for label, *sets in args.variant]
+        sides.append(Side("coembed, CLIP tokenizer", "coembed", (*model, *CLIP_TOKENIZER)))
+    sides += [Side(label, "coembed", (*model, *sets)) for label, *sets in args.variant]
     if not args.coembed_only:
         settings = openclip_settings()
         if args.quick:  # one open_clip side: its defaults (best on val in RESULTS.md)
@@ -468,7 +480,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-icons-") as tmp:
         work = Path(tmp)
         data = args.data or build_data(work / "icon-themes")
-        bench = Bench(work, data.resolve(), env)
+        bench = Bench(work, data.resolve(), env, args.model_set)
         print(
             f"{len(sides)} sides, "
             + (f"{args.epochs} epochs" if args.epochs else f"{args.budget:.0f} s of training")

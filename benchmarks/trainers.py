@@ -49,20 +49,21 @@ def openclip_trainer_missing() -> str | None:
     return None
 
 
-def openclip_config() -> dict:
-    """open_clip's model config for coembed's tiny recipe with CLIP's tokenizer."""
+def openclip_config(overrides: Sequence[str] = ()) -> dict:
+    """open_clip's model config for coembed's tiny recipe with CLIP's tokenizer (and the model
+    ``overrides``, coembed ``--set`` values such as ``model.image.image_size=32``)."""
     from coembed.config import load_config
     from coembed.interop.openclip import openclip_model_config
 
-    return openclip_model_config(load_config("tiny", list(CLIP_TOKENIZER)).model)
+    return openclip_model_config(load_config("tiny", [*CLIP_TOKENIZER, *overrides]).model)
 
 
-def write_openclip_launcher(work: Path) -> tuple[Path, Path]:
+def write_openclip_launcher(work: Path, overrides: Sequence[str] = ()) -> tuple[Path, Path]:
     """The launcher script and the model config JSON it registers, in ``work``."""
     launcher = work / "launch_open_clip.py"
     launcher.write_text(LAUNCHER)
     config = work / f"{MODEL_NAME}.json"
-    config.write_text(json.dumps(openclip_config(), indent=2))
+    config.write_text(json.dumps(openclip_config(overrides), indent=2))
     return launcher, config
 
 
