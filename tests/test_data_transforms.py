@@ -215,3 +215,29 @@ def test_hue_turn_keeps_grey_and_brightness_keeps_black():
     )  # hue only; brightness only
     out = _jitter_colors(grey, factors)
     torch.testing.assert_close(out, grey, atol=1e-3, rtol=0)
+
+
+def test_random_conv_blends_each_image_with_its_own_filter():
+    """The result equals a hand computation from the same draws: a kernel size for the batch,
+    one 3 -> 3 filter per image (N(0, 1 / (3 k^2))), then per image whether and how much."""
+    from coembed.data.transforms import RANDOM_CONV_SIZES, _random_conv
+
+    x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 255
+    for seed in range(4):
+        got = _random_conv(x, 0.6, torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        k = RANDOM_CONV_SIZES[int(torch.randint(4, (1,), generator=g))]
+        weight = torch.randn(15, 3, k, k, generator=g) / (3 * k * k) ** 0.5
+        chosen, blend = torch.rand(5, 2, generator=g).unbind(1)
+        for i in range(5):
+            image = torch.nn.functional.pad(x[i : i + 1], (k // 2,) * 4, mode="reflect")
+            filtered = torch.nn.functional.conv2d(image, weight[3 * i : 3 * i + 3])[0]
+            want = blend[i] * x[i] + (1 - blend[i]) * filtered if chosen[i] < 0.6 else x[i]
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-3)
+
+
+def test_random_conv_probability_picks_some_images_and_keeps_the_others():
+    changed = augmented(StyleAugment(random_conv_p=0.5), seed=1)
+    plain = augmented(None, seed=1)
+    same = (changed - plain).abs().amax(dim=(1, 2, 3)) == 0  # (B,)
+    assert 0 < int(same.sum()) < len(same)

@@ -386,6 +386,13 @@ def test_two_views_under_torchrun_train(repeated_data, tmp_path):
         (["train.multiview=2"], "train.multiview: expected true or false"),
         (["train.multiview=true", "data.augment=false"], "train.multiview trains on a second"),
         (["train.simclr_weight=1", "train.accum_steps=2"], "use train.accum_steps=1"),
+        (["data.random_conv_p=2"], "data.random_conv_p: must be in [0, 1], got 2"),
+        (["data.augment=false", "data.random_conv_p=0.5"], "needs data.augment=true"),
+        (["model.image.mixstyle=1.5"], "model.image.mixstyle: must be in [0, 1], got 1.5"),
+        (
+            ["model.image.backbone=resnet18", "model.image.mixstyle=0.5"],
+            "use model.image.mixstyle=0",
+        ),
     ],
 )
 def test_bad_values_say_what_is_wrong(settings, message):
@@ -406,6 +413,7 @@ def test_defaults_leave_the_objectives_off():
     assert cfg.train.soft_targets is False and cfg.train.label_smoothing == 0.0
     assert cfg.train.ema_decay == 0.0 and cfg.train.mlm_weight == 0.0
     assert cfg.train.simclr_weight == 0.0 and cfg.train.multiview is False
+    assert cfg.model.image.mixstyle == 0.0 and cfg.data.random_conv_p == 0.0
     assert not two_views(cfg) and view_head_for(cfg) is None
     assert not style_augment_of(cfg).active
 
@@ -442,6 +450,9 @@ def process_settings_kept():
         ["train.mlm_weight=0.5", "model.text.dropout=0.1", "train.accum_steps=2"],
         ["train.simclr_weight=0.5", "data.color_jitter=0.4"],
         ["train.multiview=true"],
+        ["model.image.mixstyle=0.5"],
+        ["data.random_conv_p=0.5"],
+        ["model.image.mixstyle=0.5", "train.grad_checkpointing=true", "train.accum_steps=2"],
     ],
     ids=str,
 )
@@ -489,6 +500,82 @@ def test_resume_is_bitwise_exact_with_the_objective_on(
     for name in files:
         want, got = load_file(str(reference / last / name)), load_file(str(resumed / last / name))
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+# --- style mixing ---------------------------------------------------------------------------------
+
+
+def styled_features() -> torch.Tensor:
+    """(6, 4, 5, 5) features whose images differ in per-channel mean and spread."""
+    g = torch.Generator().manual_seed(3)
+    scale = torch.rand(6, 4, 1, 1, generator=g) * 3 + 0.5
+    shift = torch.randn(6, 4, 1, 1, generator=g) * 4
+    return torch.randn(6, 4, 5, 5, generator=g) * scale + shift
+
+
+def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.mean(dim=(2, 3), keepdim=True), (x.var(dim=(2, 3), keepdim=True) + 1e-6).sqrt()
+
+
+def test_mixstyle_mixes_the_statistics_and_keeps_the_content():
+    """At p=1 each image's channel means and spreads become weight x its own + (1 - weight) x its
+    partner's, from the same draws (Beta weights, then a permutation) the module makes; the
+    normalized content is unchanged; gradients reach the input through the content only."""
+    from coembed.towers.image import MixStyle
+
+    x = styled_features().requires_grad_(True)
+    torch.manual_seed(11)
+    y = MixStyle(1.0, alpha=0.1).train()(x)
+    torch.manual_seed(11)
+    torch.rand(())  # the draw that decides whether to mix
+    weight = torch.distributions.Beta(0.1, 0.1).sample((6, 1, 1, 1))
+    partner = torch.randperm(6)
+    mean, std = statistics(x.detach())
+    want_mean = weight * mean + (1 - weight) * mean[partner]
+    want_std = weight * std + (1 - weight) * std[partner]
+    torch.testing.assert_close(y, (x - mean) / std * want_std + want_mean, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(partner, torch.arange(6))  # some image took another's style
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    (y * upstream).sum().backward()
+    # With the statistics held fixed, d y / d x is want_std / std on every element.
+    torch.testing.assert_close(x.grad, upstream * want_std / std, rtol=1e-5, atol=1e-6)
+
+
+def test_mixstyle_is_identity_in_eval_at_zero_and_for_one_image():
+    from coembed.towers.image import MixStyle
+
+    x = styled_features()
+    assert torch.equal(MixStyle(1.0).eval()(x), x)
+    assert torch.equal(MixStyle(0.0).train()(x), x)
+    assert torch.equal(MixStyle(1.0).train()(x[:1]), x[:1])
+
+
+def test_mixstyle_keeps_fp16_features_fp16():
+    """Under autocast the trunk's features are half precision: the mix is computed in fp32 and
+    handed back in the features' dtype."""
+    from coembed.towers.image import MixStyle
+
+    x = (styled_features() * 100).half()
+    y = MixStyle(1.0).train()(x)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+def test_mixstyle_leaves_the_saved_model_alone(tmp_path):
+    """A training-time stage: no weights, the same state dict keys, the same eval output."""
+    from coembed.config import load_config
+    from coembed.model import CoEmbed
+
+    plain_cfg = load_config("tiny", [*TINY, "model.text.eot_id=2"])
+    mixed_cfg = load_config("tiny", [*TINY, "model.text.eot_id=2", "model.image.mixstyle=1"])
+    torch.manual_seed(0)
+    plain = CoEmbed(plain_cfg.model).eval()
+    torch.manual_seed(0)
+    mixed = CoEmbed(mixed_cfg.model).eval()
+    assert plain.state_dict().keys() == mixed.state_dict().keys()
+    images = torch.randn(4, 3, 32, 32)
+    assert torch.equal(plain.encode_image(images), mixed.encode_image(images))
+    mixed.train()
+    assert not torch.equal(plain.train().encode_image(images), mixed.encode_image(images))
 
 
 # --- the weights' moving average ----------------------------------------------------------------

@@ -103,6 +103,8 @@ MODEL_FIELDS = {
 PROBES = [
     *(Probe(field, value, "model", _model_output) for field, value in MODEL_FIELDS.items()),
     Probe("model.tokenizer", "clip", "build", lambda s: s["vocab"], also=("model.text.vocab_size=49408",)),
+    # A training-time stage: the model's output is the same, the training losses are not.
+    Probe("model.image.mixstyle", 1.0, "train", lambda s: s["losses"]),
     Probe("data.image_key", "picture", "build", lambda s: s["sources"]),
     Probe("data.caption_key", "title", "build", lambda s: s["captions"]),
     Probe("data.cache_dir", "{tmp}/elsewhere", "build", lambda s: s["cache_files"]),
@@ -114,6 +116,7 @@ PROBES = [
     Probe("data.color_jitter", 0.5, "train", _first_batch),
     Probe("data.grayscale_p", 1.0, "train", _first_batch),
     Probe("data.blur_p", 1.0, "train", _first_batch),
+    Probe("data.random_conv_p", 1.0, "train", _first_batch),
     Probe("data.prefetch", 0, "train", lambda s: s["prefetch_thread"]),
     Probe("train.batch_size", 6, "build", lambda s: (s["per_rank_batch"], s["batches"])),
     Probe("train.steps", 5, "build", lambda s: s["total_steps"]),

@@ -69,6 +69,9 @@ class ImageConfig:
     image_size: int = 224
     heads: int = 32
     pool: str = "attention"
+    # MixStyle (a training-time stage of the ModifiedResNet): the chance per batch that the
+    # images' feature statistics after the first two stages are mixed between images; 0: off.
+    mixstyle: float = 0.0
 
 
 @dataclass
@@ -99,6 +102,7 @@ class DataConfig:
     color_jitter: float = 0.0
     grayscale_p: float = 0.0
     blur_p: float = 0.0
+    random_conv_p: float = 0.0  # RandConv: the chance an image is blended with a random filter
     prefetch: int = 1  # training batches prepared ahead in a background thread (0: in place)
     # Webdataset shards: an epoch draws this many pairs, shard by shard with replacement
     # (0: an epoch is one pass over every pair).
@@ -334,6 +338,7 @@ def _bounded(cfg: Config) -> list[tuple[str, float, Bounds]]:
         ("model.image.width", i.width, Bounds(1, MAX_WIDTH // 32, why=LIMIT_WHY)),
         ("model.image.image_size", i.image_size, Bounds(1, MAX_IMAGE_SIZE, why=LIMIT_WHY)),
         ("model.image.heads", i.heads, SIZE),
+        ("model.image.mixstyle", i.mixstyle, Bounds(0, 1)),
         ("train.batch_size", tr.batch_size, Bounds(1, 1 << 24, why=LIMIT_WHY)),
         ("train.accum_steps", tr.accum_steps, POSITIVE),
         ("train.lr", tr.lr, Bounds(0, lo_open=True)),
@@ -366,6 +371,7 @@ def _bounded(cfg: Config) -> list[tuple[str, float, Bounds]]:
         ("data.color_jitter", d.color_jitter, Bounds(0, 1)),
         ("data.grayscale_p", d.grayscale_p, Bounds(0, 1)),
         ("data.blur_p", d.blur_p, Bounds(0, 1)),
+        ("data.random_conv_p", d.random_conv_p, Bounds(0, 1)),
     ]
 
 
@@ -400,6 +406,11 @@ def _check_text(t: TextConfig, tokenizer: str) -> None:
 def _check_image(i: ImageConfig) -> None:
     """CLIP's ModifiedResNet: four stages, a size its 32x downsampling divides, whole heads."""
     if i.backbone != "modified_resnet":
+        if i.mixstyle:
+            raise ConfigError(
+                f"model.image.mixstyle mixes the modified_resnet's stage statistics; the "
+                f"{i.backbone} backbone has none: use model.image.mixstyle=0"
+            )
         return
     if len(i.layers) != 4 or any(not 1 <= n <= MAX_LAYERS for n in i.layers):
         raise ConfigError(
@@ -436,7 +447,7 @@ def _check_augment(d: DataConfig) -> None:
     """Style augmentation changes the augmented training images: it needs augmentation on."""
     if d.augment:
         return
-    for name in ("color_jitter", "grayscale_p", "blur_p"):
+    for name in ("color_jitter", "grayscale_p", "blur_p", "random_conv_p"):
         if getattr(d, name):
             raise ConfigError(f"data.{name} augments training images: it needs data.augment=true")
 

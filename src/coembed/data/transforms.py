@@ -232,16 +232,17 @@ class StyleAugment:
     ``color_jitter`` (brightness, contrast and saturation factors in [1 - s, 1 + s], hue turned by
     up to s/4 of a full turn), greyscale with probability ``grayscale_p``, Gaussian blur with
     probability ``blur_p`` (sigma from 0.1 to 2 pixels, SimCLR's at 224 px; scaled up with larger
-    images)."""
+    images), and with probability ``random_conv_p`` a random convolution (``_random_conv``)."""
 
     color_jitter: float = 0.0
     grayscale_p: float = 0.0
     blur_p: float = 0.0
+    random_conv_p: float = 0.0
 
     @property
     def active(self) -> bool:
         """Whether anything changes: off, the batch and its random draws are as without it."""
-        return bool(self.color_jitter or self.grayscale_p or self.blur_p)
+        return bool(self.color_jitter or self.grayscale_p or self.blur_p or self.random_conv_p)
 
 
 # RGB -> luma, as torchvision's rgb_to_grayscale weighs the channels.
@@ -297,8 +298,31 @@ def _blur(x: Tensor, sigma: Tensor) -> Tensor:
     return y.view(B, C, S, S)
 
 
+# RandConv's kernel sizes (Xu et al., ICLR 2021): one is drawn per batch.
+RANDOM_CONV_SIZES = (1, 3, 5, 7)
+
+
+def _random_conv(x: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """RandConv (Xu et al., ICLR 2021), for styles never seen in training: each image, with
+    probability ``p``, is blended with its own random 3 -> 3 convolution, whose weights are drawn
+    from N(0, 1 / (3 k^2)) for a k x k kernel (k drawn per batch from RANDOM_CONV_SIZES), by a
+    weight drawn from U(0, 1). A random filter keeps the shapes and edges of a picture and changes
+    its colours, textures and strokes. Every draw comes from the CPU ``generator``."""
+    B, C, S, _ = x.shape
+    k = RANDOM_CONV_SIZES[int(torch.randint(len(RANDOM_CONV_SIZES), (1,), generator=generator))]
+    weight = torch.randn(B * C, C, k, k, generator=generator) / math.sqrt(C * k * k)
+    chosen, blend = torch.rand(B, 2, generator=generator).to(x.device).unbind(1)
+    y = x.reshape(1, B * C, S, S)  # images as channel groups, so each gets its own filter
+    if k > 1:
+        y = torch.nn.functional.pad(y, (k // 2,) * 4, mode="reflect")
+    y = torch.nn.functional.conv2d(y, weight.to(x), groups=B).view(B, C, S, S)
+    blend = blend.view(B, 1, 1, 1).to(x.dtype)
+    return torch.where((chosen < p).view(B, 1, 1, 1), blend * x + (1 - blend) * y, x)
+
+
 def style_augment(x: Tensor, style: StyleAugment, generator: torch.Generator) -> Tensor:
-    """Jitter, greyscale and blur float (B, 3, S, S) pixels in 0..255 as ``style`` says, drawing
+    """Jitter, greyscale, blur and randomly convolve float (B, 3, S, S) pixels in 0..255 as
+    ``style`` says, drawing
     from the CPU ``generator`` (the same draws on any device)."""
     B, S = x.shape[0], x.shape[-1]
     draws = torch.rand(B, 7, generator=generator).to(x.device)  # (B, 7): one row per image
@@ -313,6 +337,8 @@ def style_augment(x: Tensor, style: StyleAugment, generator: torch.Generator) ->
     if style.blur_p:
         sigma = (0.1 + 1.9 * draws[:, 6]) * max(1.0, S / 224)  # pixels
         x = _blur(x, torch.where(draws[:, 5] < style.blur_p, sigma, torch.zeros_like(sigma)))
+    if style.random_conv_p:  # drawn after the others, which stay as they were without it
+        x = _random_conv(x, style.random_conv_p, generator)
     return x
 
 

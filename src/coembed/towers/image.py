@@ -56,14 +56,47 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+class MixStyle(nn.Module):
+    """MixStyle (Zhou et al., ICLR 2021), for styles never seen in training: with probability
+    ``p`` per training batch, each image's per-channel feature mean and standard deviation (what
+    a CNN's early stages hold of colour, texture and stroke) are replaced by a Beta(alpha, alpha)
+    mix of its own and another image's of the batch; what the features say of shape stays. The
+    statistics carry no gradient (the paper's choice). Identity in eval mode and at p = 0.
+
+    Its draws (whether to mix, the weights, the partner) come from torch's CPU generator, which a
+    checkpoint saves, so a resumed run mixes as an uninterrupted one; they are made on the CPU
+    even when training on a GPU (no device sync, no device generator). The mixing runs in fp32.
+    """
+
+    def __init__(self, p: float, alpha: float = 0.1, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p, self.alpha, self.eps = p, alpha, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) features -> the same shape, styles mixed (sometimes, in training)."""
+        B = x.shape[0]
+        if not self.training or not self.p or B < 2 or float(torch.rand(())) >= self.p:
+            return x
+        weight = torch.distributions.Beta(self.alpha, self.alpha).sample((B, 1, 1, 1))
+        partner = torch.randperm(B)
+        features = x.float()
+        mean = features.mean(dim=(2, 3), keepdim=True).detach()  # (B, C, 1, 1)
+        std = (features.var(dim=(2, 3), keepdim=True) + self.eps).sqrt().detach()
+        weight, partner = weight.to(x.device), partner.to(x.device)
+        mixed_mean = weight * mean + (1 - weight) * mean[partner]
+        mixed_std = weight * std + (1 - weight) * std[partner]
+        return ((features - mean) / std * mixed_std + mixed_mean).to(x.dtype)
+
+
 class ModifiedResNetTrunk(nn.Module):
     """CLIP's ResNet without its pooling: a 3-conv stem + avg-pool, then four bottleneck stages.
 
     Output: (B, width*32, image_size/32, image_size/32).
     """
 
-    def __init__(self, layers: list[int], width: int):
+    def __init__(self, layers: list[int], width: int, mixstyle: float = 0.0):
         super().__init__()
+        self.mix = MixStyle(mixstyle)  # after the first and the second stage
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
         self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
@@ -94,12 +127,18 @@ class ModifiedResNetTrunk(nn.Module):
         return self.avgpool(self.relu(self.bn3(self.conv3(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        x = self.mix(self.layer1(self.stem(x)))
+        return self.layer4(self.layer3(self.mix(self.layer2(x))))
 
     def segments(self) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]]:
-        """The trunk as a chain of (function, the module it runs): the stem, then every block."""
-        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
-        return [(self.stem, self), *((block, block) for stage in stages for block in stage)]
+        """The trunk as a chain of (function, the module it runs): the stem, then every block
+        (and the style mixing after the first two stages)."""
+        chain: list[tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]] = [(self.stem, self)]
+        for i, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            chain += [(block, block) for block in stage]
+            if i < 2:
+                chain.append((self.mix, self.mix))
+        return chain
 
     def groups(self) -> list[nn.Module]:
         """Parameter groups from input to output, for lock-with-unlocked-last-groups."""
@@ -138,7 +177,7 @@ class ImageTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.backbone == "modified_resnet":
-            self.trunk = ModifiedResNetTrunk(cfg.layers, cfg.width)
+            self.trunk = ModifiedResNetTrunk(cfg.layers, cfg.width, cfg.mixstyle)
             self._groups = self.trunk.groups()
             channels, spatial = self.trunk.out_channels, cfg.image_size // 32
         else:
