@@ -223,7 +223,7 @@ class Bench:
                 sys.executable, "-m", "coembed", "convert", "--from-openclip", str(checkpoint),
                 "--config", "tiny", "--output", str(side.model_dir),
             ]  # fmt: skip
-            for item in CLIP_TOKENIZER:
+            for item in (*CLIP_TOKENIZER, *self.model_sets):
                 convert += ["--set", item]
             subprocess.run(convert, check=True, env=self.env, stdout=subprocess.DEVNULL)
             return
