@@ -322,8 +322,7 @@ def _random_conv(x: Tensor, p: float, generator: torch.Generator) -> Tensor:
 
 def style_augment(x: Tensor, style: StyleAugment, generator: torch.Generator) -> Tensor:
     """Jitter, greyscale, blur and randomly convolve float (B, 3, S, S) pixels in 0..255 as
-    ``style`` says, drawing
-    from the CPU ``generator`` (the same draws on any device)."""
+    ``style`` says, drawing from the CPU ``generator`` (the same draws on any device)."""
     B, S = x.shape[0], x.shape[-1]
     draws = torch.rand(B, 7, generator=generator).to(x.device)  # (B, 7): one row per image
     if style.color_jitter:
