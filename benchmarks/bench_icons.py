@@ -23,7 +23,7 @@ What is compared, in one run, one training at a time:
 
 Fairness:
 
-- the same batch (128), data, architecture and per-epoch validation on both sides; OpenMP threads
+- the same batch (the tiny recipe's), data, architecture and per-epoch validation on both sides; OpenMP threads
   wait passively on both (``OMP_WAIT_POLICY=PASSIVE``, which coembed chooses for itself when
   other work shares the cores; spinning threads cost open_clip most on a shared machine), unless
   the environment sets it;
@@ -90,7 +90,6 @@ from trainers import (
 
 SECTION = "## Cross-theme icon retrieval: coembed vs open_clip"
 SHEET = Path(__file__).resolve().parent / "icons_contact_sheet.png"
-BATCH = 128
 PROBE_LOG_EVERY = 2
 PARITY_TOLERANCE = 1e-5
 SEED = "train.seed="
@@ -170,7 +169,11 @@ class Bench:
         self.work, self.data, self.env = work, data, env
         self.model_sets = tuple(model_sets)  # the architecture of every side, open_clip's too
         self.train, self.val, self.test = (data / f"{s}.csv" for s in ("train", "val", "test"))
-        self.steps_per_epoch = len(read_rows(self.train)) // BATCH
+        from coembed.config import load_config
+
+        # Both trainers take the tiny recipe's batch (or the one --model-set gives every side).
+        self.batch = load_config("tiny", list(model_sets)).train.batch_size
+        self.steps_per_epoch = len(read_rows(self.train)) // self.batch
         self.launcher: Path | None = None
         self.config: Path | None = None
         self.abs_csv: dict[str, Path] = {}
@@ -193,10 +196,10 @@ class Bench:
             o = side.optimizer
             cmd = openclip_command(
                 launcher, config, train, self.folder("probe-oc-"),
-                epochs=1000, lr=o["lr"], wd=o["wd"], warmup=o["warmup"], batch_size=BATCH,
+                epochs=1000, lr=o["lr"], wd=o["wd"], warmup=o["warmup"], batch_size=self.batch,
                 log_every=PROBE_LOG_EVERY, extra=[*o["extra"], "--save-frequency", "0"],
             )  # fmt: skip
-            return time_openclip(cmd, self.env, seconds, self.steps_per_epoch, BATCH)
+            return time_openclip(cmd, self.env, seconds, self.steps_per_epoch, self.batch)
         out = self.folder("probe-ce-") / "run"
         extra = [
             f"train.log_every={PROBE_LOG_EVERY}",
@@ -204,7 +207,7 @@ class Bench:
             f"data.cache_dir={self.probe_cache}",
         ]
         cmd = coembed_command(self.train, out, [*side.overrides, *extra], steps=1000000)
-        return time_coembed(cmd, out, self.env, seconds, PROBE_LOG_EVERY, BATCH)
+        return time_coembed(cmd, out, self.env, seconds, PROBE_LOG_EVERY, self.batch)
 
     def train_side(self, side: Side) -> None:
         """Train ``side`` for its epochs; sets ``side.run`` and ``side.model_dir``."""
@@ -213,10 +216,10 @@ class Bench:
             logs, o = self.folder("oc-"), side.optimizer
             cmd = openclip_command(
                 launcher, config, train, logs,
-                epochs=side.epochs, lr=o["lr"], wd=o["wd"], warmup=o["warmup"], batch_size=BATCH,
+                epochs=side.epochs, lr=o["lr"], wd=o["wd"], warmup=o["warmup"], batch_size=self.batch,
                 val_csv=val, extra=[*o["extra"], "--save-frequency", "0"],
             )  # fmt: skip
-            side.run = time_openclip(cmd, self.env, None, self.steps_per_epoch, BATCH)
+            side.run = time_openclip(cmd, self.env, None, self.steps_per_epoch, self.batch)
             checkpoint = logs / "run" / "checkpoints" / f"epoch_{side.epochs}.pt"
             side.model_dir = logs / "model"
             convert = [
@@ -232,7 +235,7 @@ class Bench:
         out = self.folder("ce-") / "run"
         cmd = coembed_command(self.train, out, side.overrides, epochs=side.epochs, val_csv=self.val)
         log_every = load_config("tiny", list(side.overrides)).train.log_every
-        side.run = time_coembed(cmd, out, self.env, None, log_every, BATCH)
+        side.run = time_coembed(cmd, out, self.env, None, log_every, self.batch)
         side.model_dir = out
 
     def evaluate(self, model_dir: Path, data: Path) -> dict:
@@ -441,8 +444,8 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="model settings of every side, open_clip's architecture too (e.g. "
-        "model.image.image_size=32): the comparison at another size",
+        help="settings of every side, open_clip's architecture and batch too (e.g. "
+        "model.image.image_size=32 or train.batch_size=128): the comparison at another size",
     )
     args = parser.parse_args()
     if args.quick:
@@ -484,7 +487,7 @@ def main() -> int:
         print(
             f"{len(sides)} sides, "
             + (f"{args.epochs} epochs" if args.epochs else f"{args.budget:.0f} s of training")
-            + f" each, {bench.steps_per_epoch} steps of {BATCH} per epoch",
+            + f" each, {bench.steps_per_epoch} steps of {bench.batch} per epoch",
             flush=True,
         )
         probes = saved_rates(args.rates) if args.rates else {}
@@ -498,7 +501,7 @@ def main() -> int:
                 load.append(os.getloadavg()[0])
                 print(f"probe {side.name}: {probes[key]:.1f} samples/s", flush=True)
             side.rate = probes[key]
-            steps = args.budget * side.rate / BATCH
+            steps = args.budget * side.rate / bench.batch
             side.epochs = max(1, math.floor(steps / bench.steps_per_epoch))
         for side in sides:
             print(f"training {side.name}: {side.epochs} epochs", flush=True)
