@@ -14,8 +14,10 @@ def write_section(title: str, text: str, path: Path = RESULTS) -> None:
     with that heading, or append it; the other sections stay as they are."""
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text, old, count=1)
+    if found := pattern.search(old):
+        # A blank line between this section and the next one, as in the rest of the file.
+        last = found.end() == len(old)
+        new = pattern.sub(lambda _: text if last else text.rstrip("\n") + "\n\n", old, count=1)
     else:
         new = old.rstrip("\n") + "\n\n" + text
     tmp = path.with_suffix(".md.tmp")
