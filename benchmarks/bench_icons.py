@@ -12,7 +12,7 @@ What is compared, in one run, one training at a time:
 - **coembed, CLIP tokenizer**: the same with CLIP's 49,408-token BPE, as open_clip has, so the
   tokenizer's share of the difference shows;
 - **open_clip**: ``python -m open_clip_train.main`` (through a launcher that registers the same
-  architecture as an open_clip model config: ModifiedResNet [1,1,1,1] width 32 at 64 px with
+  architecture as an open_clip model config: ModifiedResNet [1,1,1,1] width 32 at 32 px with
   attention pooling, 4-layer width-128 causal text transformer, context 32, embedding 128) with
   ``--dataset-type csv`` on copies of the CSVs with absolute paths, CLIP's tokenizer, fp32, CPU,
   ``--workers 2``, ``--val-data`` the validation CSV. Twice: with open_clip's own defaults for a
@@ -23,10 +23,10 @@ What is compared, in one run, one training at a time:
 
 Fairness:
 
-- the same batch (the tiny recipe's), data, architecture and per-epoch validation on both sides; OpenMP threads
-  wait passively on both (``OMP_WAIT_POLICY=PASSIVE``, which coembed chooses for itself when
-  other work shares the cores; spinning threads cost open_clip most on a shared machine), unless
-  the environment sets it;
+- the same batch (the tiny recipe's), data, architecture and per-epoch validation on both
+  sides; OpenMP threads wait passively on both (``OMP_WAIT_POLICY=PASSIVE``, which coembed
+  chooses for itself when other work shares the cores; spinning threads cost open_clip most on
+  a shared machine), unless the environment sets it;
 - the same budget of training time: a probe first runs each trainer configuration for
   ``--probe`` seconds after its first step and measures its own samples/s (the median over its
   logged windows of 2 steps, so that a burst of other jobs' load moves it less); each run then
