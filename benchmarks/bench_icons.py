@@ -216,8 +216,8 @@ class Bench:
             logs, o = self.folder("oc-"), side.optimizer
             cmd = openclip_command(
                 launcher, config, train, logs,
-                epochs=side.epochs, lr=o["lr"], wd=o["wd"], warmup=o["warmup"], batch_size=self.batch,
-                val_csv=val, extra=[*o["extra"], "--save-frequency", "0"],
+                epochs=side.epochs, lr=o["lr"], wd=o["wd"], warmup=o["warmup"],
+                batch_size=self.batch, val_csv=val, extra=[*o["extra"], "--save-frequency", "0"],
             )  # fmt: skip
             side.run = time_openclip(cmd, self.env, None, self.steps_per_epoch, self.batch)
             checkpoint = logs / "run" / "checkpoints" / f"epoch_{side.epochs}.pt"

@@ -15,9 +15,9 @@ def write_section(title: str, text: str, path: Path = RESULTS) -> None:
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     if found := pattern.search(old):
+        rest = old[found.end() :]
         # A blank line between this section and the next one, as in the rest of the file.
-        last = found.end() == len(old)
-        new = pattern.sub(lambda _: text if last else text.rstrip("\n") + "\n\n", old, count=1)
+        new = old[: found.start()] + (text.rstrip("\n") + "\n\n" + rest if rest else text)
     else:
         new = old.rstrip("\n") + "\n\n" + text
     tmp = path.with_suffix(".md.tmp")
