@@ -705,3 +705,38 @@ def test_a_killed_first_index_build_does_not_block_the_next(gallery, tmp_path):
         "items-000002.json",
         "skipped.txt",
     }
+
+
+def test_image_cache_on_a_full_disk_is_a_clean_error(tmp_path, monkeypatch):
+    """The cache file is a sparse memmap: without its blocks reserved up front, a worker writing
+    into a hole of a full disk dies of SIGBUS. Reserved, a full disk is DiskFull before any image
+    is decoded, and the cache folder keeps no half-written array."""
+    from coembed.data import cache
+    from coembed.data.formats import read_records
+    from coembed.errors import DiskFull
+
+    records, _ = read_records(str(tiny_dataset(tmp_path / "data", n=4)), "filepath", "caption")
+    sources = [r.image for r in records]
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room, raising=False)
+    folder = tmp_path / "cache"
+    with pytest.raises(DiskFull, match="No space left on device"):
+        cache.decode_images(sources, 32, folder, num_workers=0)
+    assert not any(p.suffix == ".npy" or ".tmp" in p.name for p in folder.iterdir())
+    with pytest.raises(DiskFull, match="No space left on device"):
+        cache.decode_images(sources, 32, None, num_workers=0)  # in memory: through a temporary
+    monkeypatch.undo()
+    assert cache.decode_images(sources, 32, folder, num_workers=0).array.shape == (4, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_train_with_its_image_cache_on_a_full_disk_says_so(small_disk, tmp_path):
+    data = tiny_dataset(tmp_path / "data", n=16)
+    # 16 images cached at 256 px take 3 MB: more than the 1 MB disk holds.
+    settings = ["model.image.image_size=224", f"data.cache_dir={small_disk.path / 'cache'}"]
+    args = train_args(data, tmp_path / "run", *[a for s in settings for a in ("--set", s)])
+    assert_one_line_error(run_cli(*args), 1, "No space left on device")
+    assert [p.name for p in (small_disk.path / "cache").iterdir() if p.suffix != ".lock"] == []

@@ -12,6 +12,7 @@ file makes concurrent processes (DDP ranks) build it once and share it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ import numpy as np
 from coembed.data.formats import TarMember
 from coembed.data.images import ImageReadError, describe, open_image
 from coembed.data.transforms import center_crop, resize_shortest
+from coembed.files import disk_full, is_disk_full
 from coembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -221,7 +223,26 @@ def _build(
         npy_tmp, mode="w+", dtype=np.uint8, shape=(len(sources), size, size, 3)
     )
     del out
+    reserve_blocks(npy_tmp)
     return _decode_all(npy_tmp, sources, size, max_pixels, workers)
+
+
+def reserve_blocks(path: str) -> None:
+    """Give the sparse file ``path`` its disk blocks now. A memmap writing into a hole of a full
+    disk gets SIGBUS, which kills the process; reserved up front, a full disk is a DiskFull error
+    before any image is decoded. (Where the system cannot reserve, the holes stay.)"""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if is_disk_full(exc, Path(path).parent):
+            raise disk_full(path, exc) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
 
 
 def decode_images(
