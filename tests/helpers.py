@@ -223,6 +223,7 @@ def tiny_train_run(captions: list[str], settings: list[str], batchnorm_eval: boo
     from coembed.loss import make_loss
     from coembed.model import CoEmbed
     from coembed.tokenizer import Tokenizer
+    from coembed.training.memory import memory_for
     from coembed.training.optim import make_optimizer
     from coembed.training.run import Dist, TrainRun
     from coembed.training.views import view_head_for
@@ -250,6 +251,7 @@ def tiny_train_run(captions: list[str], settings: list[str], batchnorm_eval: boo
         batches_per_epoch=1,
         loss_fn=make_loss(cfg.train.loss, cfg.train.label_smoothing),
         view_head=head,
+        memory=memory_for(cfg, torch.device("cpu")),
     )
 
 

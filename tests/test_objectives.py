@@ -453,6 +453,8 @@ def process_settings_kept():
         ["model.image.mixstyle=0.5"],
         ["data.random_conv_p=0.5"],
         ["model.image.mixstyle=0.5", "train.grad_checkpointing=true", "train.accum_steps=2"],
+        ["train.feature_memory=12"],
+        ["train.feature_memory=20", "train.soft_targets=true", "train.accum_steps=2"],
     ],
     ids=str,
 )

@@ -156,6 +156,7 @@ PROBES = [
     Probe("train.mlm_weight", 0.5, "train", lambda s: s["losses"]),
     Probe("train.simclr_weight", 0.5, "train", lambda s: s["losses"]),
     Probe("train.simclr_temperature", 0.5, "train", lambda s: s["losses"], base=("train.simclr_weight=1",)),
+    Probe("train.feature_memory", 16, "train", lambda s: s["losses"]),
     Probe("train.multiview", True, "train", lambda s: s["losses"]),
 ]  # fmt: skip
 PROBE_OF = {p.field: p for p in PROBES}

@@ -155,6 +155,9 @@ class TrainConfig:
     simclr_temperature: float = 0.1  # NT-Xent's temperature
     # DeCLIP's multi-view: the second view is contrasted with the caption too (mean of the two).
     multiview: bool = False
+    # Cross-batch memory (coembed.training.memory): the features of this many of the latest
+    # training pairs join every step's softmax loss as extra negatives; 0: off.
+    feature_memory: int = 0
 
 
 @dataclass
@@ -363,6 +366,7 @@ def _bounded(cfg: Config) -> list[tuple[str, float, Bounds]]:
         ("train.mlm_weight", tr.mlm_weight, Bounds(0, 100, why="a loss weight")),
         ("train.simclr_weight", tr.simclr_weight, Bounds(0, 100, why="a loss weight")),
         ("train.simclr_temperature", tr.simclr_temperature, Bounds(0, 10, lo_open=True)),
+        ("train.feature_memory", tr.feature_memory, Bounds(0, 1 << 20, why=LIMIT_WHY)),
         ("data.max_cache_gb", d.max_cache_gb, NOT_NEGATIVE),
         ("data.workers", d.workers, Bounds(0, 1024)),
         ("data.prefetch", d.prefetch, Bounds(0, 1024)),
@@ -426,7 +430,7 @@ def _check_image(i: ImageConfig) -> None:
 
 def _check_run(tr: TrainConfig) -> None:
     """How the batch splits into accumulation steps; a cooldown for the schedule that has one;
-    label smoothing for the loss that has it."""
+    label smoothing and the feature memory for the loss that has them."""
     if tr.batch_size % tr.accum_steps:
         raise ConfigError(
             f"train.batch_size ({tr.batch_size}) must be divisible by train.accum_steps ({tr.accum_steps})"
@@ -435,6 +439,12 @@ def _check_run(tr: TrainConfig) -> None:
         raise ConfigError(
             f"train.label_smoothing smooths the softmax loss's targets; train.loss={tr.loss} has "
             "none: use train.loss=clip or train.label_smoothing=0"
+        )
+    if tr.feature_memory and (tr.loss != "clip" or tr.label_smoothing):
+        raise ConfigError(
+            "train.feature_memory adds negative columns to the softmax loss without label "
+            f"smoothing; train.loss={tr.loss}, train.label_smoothing={tr.label_smoothing}: use "
+            "train.loss=clip and train.label_smoothing=0, or train.feature_memory=0"
         )
     if tr.schedule == "const-cooldown" and tr.cooldown_steps <= 0:
         raise ConfigError(

@@ -69,6 +69,25 @@ def _logits(
     return logits if bias is None else logits + bias
 
 
+def _with_memory(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    remembered: torch.Tensor,
+    blocked: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``logits`` (B, W*B) with the scaled similarities of ``rows`` to the ``remembered`` features
+    (M, D) appended as columns, the ``blocked`` (B, M) ones at -inf: (B, W*B + M)."""
+    extra = scale * rows @ remembered.T
+    if bias is not None:
+        extra = extra + bias
+    # A large finite logit, not -inf: its softmax share is exactly 0 and a soft target's 0 times
+    # its log-probability stays 0 (not NaN).
+    extra = extra.masked_fill(blocked, -1e9)
+    return torch.cat([logits, extra], dim=1)
+
+
 class ClipLoss(nn.Module):
     """Symmetric InfoNCE: mean of image->text and text->image cross-entropy over the global batch.
 
@@ -87,11 +106,23 @@ class ClipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
         positives: torch.Tensor | None = None,
+        memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The loss; ``positives`` (B, W*B) bool from ``positive_pairs`` spreads each row's target
-        over its positives (None: the matching pair alone)."""
+        over its positives (None: the matching pair alone). ``memory`` (images (M, D), texts
+        (M, D), blocked (B, M) bool), from ``coembed.training.memory.FeatureMemory.columns``, adds
+        M negative columns to each direction, leaving out the blocked ones."""
         logits_per_image = _logits(image_features, text_features, logit_scale, logit_bias)
         logits_per_text = _logits(text_features, image_features, logit_scale, logit_bias)
+        if memory is not None:
+            images, texts, blocked = memory
+            scalars = (logit_scale, logit_bias)
+            logits_per_image = _with_memory(
+                logits_per_image, image_features, texts, blocked, *scalars
+            )
+            logits_per_text = _with_memory(
+                logits_per_text, text_features, images, blocked, *scalars
+            )
         if positives is None:
             B = image_features.shape[0]
             targets = torch.arange(B, device=image_features.device) + _rank() * B
@@ -100,6 +131,8 @@ class ClipLoss(nn.Module):
             # is a positive of text i, so both directions share one target distribution.
             share = positives.to(logits_per_image.dtype)
             targets = share / share.sum(dim=1, keepdim=True)  # (B, W*B)
+            # The memory's columns are never targets.
+            targets = F.pad(targets, (0, logits_per_image.shape[1] - targets.shape[1]))
         smoothing = self.label_smoothing
         return (
             F.cross_entropy(logits_per_image, targets, label_smoothing=smoothing)
@@ -117,9 +150,13 @@ class SigLipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
         positives: torch.Tensor | None = None,
+        memory: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         """The loss; ``positives`` (B, W*B) bool from ``positive_pairs`` are labelled +1 (None:
-        the matching pairs alone)."""
+        the matching pairs alone). No feature memory: ``coembed.config`` refuses it with this
+        loss, whose per-pair terms do not normalize over columns."""
+        if memory is not None:
+            raise ValueError("the sigmoid loss takes no feature memory (train.feature_memory)")
         logits = _logits(image_features, text_features, logit_scale, logit_bias)
         B = image_features.shape[0]
         if positives is None:

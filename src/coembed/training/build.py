@@ -31,6 +31,7 @@ from coembed.training.inputs import (
     prepare_zeroshot,
     read_pairs,
 )
+from coembed.training.memory import memory_for
 from coembed.training.optim import make_optimizer, total_steps_for
 from coembed.training.run import (
     RUN_CONFIG,
@@ -220,6 +221,7 @@ def build_run(
         read_report=report,
         ema=WeightAverage(raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None,
         view_head=view_head,
+        memory=memory_for(cfg, device),
     )
     read_evaluation_sets(run, options)
     if dist_.is_main and keep and not plan.resuming:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from coembed.data.loader import PairData
     from coembed.tokenizer import Tokenizer
     from coembed.training.ema import WeightAverage
+    from coembed.training.memory import FeatureMemory
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
@@ -97,6 +98,7 @@ class TrainRun:
     read_report: ReadReport | None = None
     ema: WeightAverage | None = None  # train.ema_decay > 0: the weights' moving average
     view_head: nn.Module | None = None  # train.simclr_weight > 0: views.ViewHead, not in the model
+    memory: FeatureMemory | None = None  # train.feature_memory > 0: the latest pairs' features
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """The model's parameters and the projection head's (when the run trains one)."""

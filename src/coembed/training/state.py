@@ -40,6 +40,7 @@ from coembed.training.run import (
 
 EMA_FILE = "ema.safetensors"  # the weights' moving average, in runs with train.ema_decay
 VIEW_HEAD_FILE = "view_head.safetensors"  # the projection head, in runs with train.simclr_weight
+MEMORY_FILE = "memory.safetensors"  # the feature memory, in runs with train.feature_memory
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -107,6 +108,8 @@ def save_checkpoint(run: TrainRun) -> Path:
             save_weights(tmp / EMA_FILE, run.ema.model.state_dict(), {"step": str(run.step)})
         if run.view_head is not None:
             save_weights(tmp / VIEW_HEAD_FILE, run.view_head.state_dict(), {"step": str(run.step)})
+        if run.memory is not None:
+            save_weights(tmp / MEMORY_FILE, run.memory.state_dict(), {"step": str(run.step)})
         epoch, batch = divmod(run.step, run.batches_per_epoch)
         state = {
             "step": run.step,
@@ -212,6 +215,14 @@ def load_checkpoint(run: TrainRun, path: Path) -> None:
         why = "the run trains a projection head (train.simclr_weight)"
         head = read_extra(path, VIEW_HEAD_FILE, why)
         load_state_strict(run.view_head, head, str(path / VIEW_HEAD_FILE))
+    if run.memory is not None:
+        why = "the run keeps a feature memory (train.feature_memory)"
+        try:
+            run.memory.load_state_dict(read_extra(path, MEMORY_FILE, why), str(path / MEMORY_FILE))
+        except ValueError as exc:
+            raise ModelDirError(
+                f"{exc}; resume with the run's train.feature_memory, or delete {path}"
+            ) from None
     refuse_non_finite(opt, str(path / "optimizer.safetensors"))
     try:
         restore_optimizer(run.optimizer, opt, state["optimizer"])

@@ -65,20 +65,25 @@ def forward_loss(
     tokens: torch.Tensor,
     positives: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
+    memory: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """The loss of one batch (model under autocast, loss in fp32): contrastive, with
-    ``positives`` as ``coembed.loss.positive_pairs`` returns them, plus the masked language
-    model's term when ``hidden`` (from ``mlm_hidden``) is given. With a second view
-    (``views.two_views``) ``images`` are (2B, 3, S, S), both views in one pass through the tower,
-    and the loss is ``views.two_view_loss``."""
+    ``positives`` as ``coembed.loss.positive_pairs`` returns them and the feature memory's
+    columns (``memory.FeatureMemory.columns``), plus the masked language model's term when
+    ``hidden`` (from ``mlm_hidden``) is given. With a second view (``views.two_views``)
+    ``images`` are (2B, 3, S, S), both views in one pass through the tower, and the loss is
+    ``views.two_view_loss``. The batch's features are staged for the memory."""
     with autocast(run):
         out = run.model(images, tokens, hidden)
     logits = out.pop("mlm_logits", None)
     out = {k: v.float() for k, v in out.items()}
+    if run.memory is not None:
+        first_view = out["image_features"][: tokens.shape[0]]
+        run.memory.stage(first_view, out["text_features"], tokens)
     if two_views(run.cfg):
-        loss = two_view_loss(run, out, positives)
+        loss = two_view_loss(run, out, positives, memory)
     else:
-        loss = run.loss_fn(**out, positives=positives)
+        loss = run.loss_fn(**out, positives=positives, memory=memory)
     if logits is not None:
         loss = loss + mlm_term(run, logits, tokens, hidden, int(hidden.sum()))
     return loss
@@ -102,7 +107,8 @@ def cache_features(
     run: TrainRun, image_chunks: tuple[torch.Tensor, ...], token_chunks: tuple[torch.Tensor, ...]
 ) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
     """The caching pass of ``accumulated_backward``: each micro-batch's random state before its
-    forward, and its image and text features (fp32, no gradient), buffers left as they were."""
+    forward, and its image and text features (fp32, no gradient), buffers left as they were.
+    The whole batch's features are staged for the feature memory."""
     states, cached = [], []
     with torch.no_grad(), autocast(run), buffers_restored(run.raw_model):
         for i, t in zip(image_chunks, token_chunks):
@@ -110,6 +116,8 @@ def cache_features(
             cached.append(run.model(i, t))
     images = [c["image_features"].float() for c in cached]
     texts = [c["text_features"].float() for c in cached]
+    if run.memory is not None:
+        run.memory.stage(torch.cat(images), torch.cat(texts), torch.cat(token_chunks))
     return states, images, texts
 
 
@@ -119,6 +127,7 @@ def accumulated_backward(
     tokens: torch.Tensor,
     positives: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
+    memory: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Gradient accumulation that keeps the whole batch as contrastive negatives; returns the loss.
 
@@ -136,7 +145,7 @@ def accumulated_backward(
     recompute, so dropout draws the same masks in both: the cached features (the negatives) and
     the differentiated ones are the same function of the weights (and the generator ends where the
     caching pass left it). Every micro-batch's loss is the whole batch's, so ``positives`` (of the
-    whole batch) apply to each unchanged. The masked language model's term (``hidden``) is a mean
+    whole batch) and the feature memory's columns apply to each unchanged. The masked language model's term (``hidden``) is a mean
     over tokens, local to each micro-batch: each adds its share, in its recompute only.
     """
     n = run.cfg.train.accum_steps
@@ -153,18 +162,17 @@ def accumulated_backward(
             set_rng_state(states[j], run.device)
             with autocast(run):
                 out = run.model(image_chunks[j], token_chunks[j], hidden_chunks[j])
-            features_i = (
-                cached_images[:j] + [out["image_features"].float()] + cached_images[j + 1 :]
-            )
-            features_t = cached_texts[:j] + [out["text_features"].float()] + cached_texts[j + 1 :]
-            scalars = {
-                k: (v if last else v.detach()).float()
-                for k, v in out.items()
-                if k in ("logit_scale", "logit_bias")
+            features = {
+                k: torch.cat(cached[:j] + [out[k].float()] + cached[j + 1 :])
+                for k, cached in (
+                    ("image_features", cached_images),
+                    ("text_features", cached_texts),
+                )
             }
-            contrastive = run.loss_fn(
-                torch.cat(features_i), torch.cat(features_t), **scalars, positives=positives
-            )
+            for k in ("logit_scale", "logit_bias"):
+                if k in out:
+                    features[k] = (out[k] if last else out[k].detach()).float()
+            contrastive = run.loss_fn(**features, positives=positives, memory=memory)
             loss = contrastive
             if hidden is not None:
                 mlm = mlm_term(run, out["mlm_logits"], token_chunks[j], hidden_chunks[j], count)
@@ -241,10 +249,11 @@ def train_step(
     run.optimizer.zero_grad(set_to_none=True)
     positives = batch_positives(run, tokens, image_ids)
     hidden = mlm_hidden(run, tokens)
+    memory = None if run.memory is None else run.memory.columns(tokens)
     if run.cfg.train.accum_steps > 1:
-        loss = accumulated_backward(run, images, tokens, positives, hidden)
+        loss = accumulated_backward(run, images, tokens, positives, hidden, memory)
     else:
-        loss = forward_loss(run, images, tokens, positives, hidden)
+        loss = forward_loss(run, images, tokens, positives, hidden, memory)
         backward(run, loss)
     average_head_gradients(run)
     value = global_mean(run, loss.detach())
@@ -267,6 +276,8 @@ def train_step(
     else:
         run.optimizer.step()
     run.raw_model.clamp_logit_scale()
+    if run.memory is not None:
+        run.memory.commit()
     run.step += 1
     if run.ema is not None:
         run.ema.update(run.raw_model, run.step)

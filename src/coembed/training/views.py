@@ -55,15 +55,19 @@ def simclr_term(run: TrainRun, first: torch.Tensor, second: torch.Tensor) -> tor
 
 
 def two_view_loss(
-    run: TrainRun, out: dict[str, torch.Tensor], positives: torch.Tensor | None
+    run: TrainRun,
+    out: dict[str, torch.Tensor],
+    positives: torch.Tensor | None,
+    memory: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """The loss of a batch whose images hold both views (``out`` the model's fp32 output on
     (2B) images and B captions): contrastive on the first view (with ``train.multiview`` the mean
-    of both views' contrastive losses), plus the weighted NT-Xent with ``train.simclr_weight``."""
+    of both views' contrastive losses; each with the feature memory's columns), plus the
+    weighted NT-Xent with ``train.simclr_weight``."""
     first, second = out.pop("image_features").chunk(2)  # (B, D) each
-    loss = run.loss_fn(first, **out, positives=positives)
+    loss = run.loss_fn(first, **out, positives=positives, memory=memory)
     if run.cfg.train.multiview:
-        loss = (loss + run.loss_fn(second, **out, positives=positives)) / 2
+        loss = (loss + run.loss_fn(second, **out, positives=positives, memory=memory)) / 2
     if run.cfg.train.simclr_weight:
         loss = loss + simclr_term(run, first, second)
     return loss
