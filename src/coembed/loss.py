@@ -29,7 +29,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_ids(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate integer ``x`` from every rank along dim 0 (no gradient: ids, not features)."""
+    """Concatenate ``x`` from every rank along dim 0, without gradient: ids, or features kept
+    apart from their graph (the feature memory's)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
