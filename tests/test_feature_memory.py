@@ -85,7 +85,8 @@ def test_ring_keeps_the_latest_pairs_in_place():
     batches = [torch.full((3, 2), float(b)) for b in (1, 2, 3)]
     tokens = [torch.tensor([[b, i, 0] for i in range(3)]) for b in (1, 2, 3)]
     for feats, toks in zip(batches, tokens):
-        memory.stage(feats, -feats, toks)
+        memory.columns(toks)
+        memory.stage(feats, -feats)
         memory.commit()
     # 9 pairs through a ring of 5: batch 3's three, then batch 2's last two (overwritten in order).
     assert memory.filled == 5 and memory.next == 4
@@ -98,23 +99,37 @@ def test_ring_keeps_the_latest_pairs_in_place():
         [False, False, True, False, False],
     ]
     big = FeatureMemory(2, 1, torch.device("cpu"))
-    big.stage(torch.arange(4.0)[:, None], torch.zeros(4, 1), torch.arange(4)[:, None])
+    big.columns(torch.arange(4)[:, None])
+    big.stage(torch.arange(4.0)[:, None], torch.zeros(4, 1))
     big.commit()  # a batch larger than the ring: its newest entries
     assert big.images[:, 0].tolist() == [2.0, 3.0] and big.filled == 2 and big.next == 0
 
 
-def test_commit_without_stage_and_dropped_stage_change_nothing():
+def test_commit_without_stage_changes_nothing():
     memory = FeatureMemory(4, 2, torch.device("cpu"))
-    memory.commit()
-    memory.stage(torch.ones(2, 2), torch.ones(2, 2), torch.ones(2, 3, dtype=torch.long))
-    memory.drop_staged()
     memory.commit()
     assert memory.filled == 0 and memory.images.abs().sum() == 0
 
 
+def test_remembered_pairs_of_the_rows_image_are_blocked_too():
+    """Two captions of one image: the other caption's remembered pair is no negative."""
+    memory = FeatureMemory(8, 2, torch.device("cpu"))
+    memory.columns(torch.tensor([[1, 5], [1, 6], [1, 7]]), torch.tensor([10, 11, 12]))
+    memory.stage(torch.randn(3, 2), torch.randn(3, 2))
+    memory.commit()
+    # Rows: image 11 with a new caption; caption [1, 7] of a new image; unknown ids.
+    _, _, blocked = memory.columns(
+        torch.tensor([[1, 8], [1, 7], [1, 9]]), torch.tensor([11, 20, -1])
+    )
+    assert blocked.tolist() == [[False, True, False], [False, False, True], [False, False, False]]
+    _, _, by_caption = memory.columns(torch.tensor([[1, 5]]))  # ids unknown: captions alone
+    assert by_caption.tolist() == [[True, False, False]]
+
+
 def test_state_round_trips_and_refuses_another_size():
     memory = FeatureMemory(4, 2, torch.device("cpu"))
-    memory.stage(torch.randn(3, 2), torch.randn(3, 2), torch.arange(6).reshape(3, 2))
+    memory.columns(torch.arange(6).reshape(3, 2), torch.tensor([4, 5, 6]))
+    memory.stage(torch.randn(3, 2), torch.randn(3, 2))
     memory.commit()
     again = FeatureMemory(4, 2, torch.device("cpu"))
     again.load_state_dict(memory.state_dict(), "memory.safetensors")
@@ -175,7 +190,8 @@ def test_memory_through_accumulation_equals_one_batch():
     remembered = torch.nn.functional.normalize(
         torch.randn(2, 16, run.cfg.model.embed_dim, generator=g), dim=-1
     )
-    run.memory.stage(remembered[0], remembered[1], torch.arange(32).reshape(16, 2))
+    run.memory.columns(torch.arange(32).reshape(16, 2))
+    run.memory.stage(remembered[0], remembered[1])
     run.memory.commit()
     columns = run.memory.columns(tokens)
     buffers = {k: b.clone() for k, b in run.model.named_buffers()}
@@ -217,10 +233,12 @@ def memory_worker(rank: int, world: int, port: int, queue) -> None:
         features = torch.arange(12.0).reshape(6, 2)
         tokens = torch.arange(12).reshape(6, 2)
         rows = slice(rank * 3, (rank + 1) * 3)
-        memory.stage(features[rows], -features[rows], tokens[rows])
+        memory.columns(tokens[rows], torch.arange(6)[rows] + 100)
+        memory.stage(features[rows], -features[rows])
         memory.commit()
         _, _, blocked = memory.columns(tokens[rows])
-        queue.put((rank, memory.images.tolist(), memory.filled, blocked.tolist()))
+        ids = memory.image_ids.tolist()
+        queue.put((rank, memory.images.tolist(), memory.filled, blocked.tolist(), ids))
     finally:
         dist.destroy_process_group()
 
@@ -228,8 +246,9 @@ def memory_worker(rank: int, world: int, port: int, queue) -> None:
 def test_every_process_remembers_the_global_batch():
     results = run_two_processes(memory_worker)
     everything = torch.arange(12.0).reshape(6, 2).tolist() + [[0.0, 0.0]] * 2
-    for rank, images, filled, blocked in results:
+    for rank, images, filled, blocked, ids in results:
         assert images == everything and filled == 6
+        assert ids == [100, 101, 102, 103, 104, 105, -1, -1]
         # Each rank's rows find their own captions among the six remembered.
         assert [row.index(True) for row in blocked] == [rank * 3 + i for i in range(3)]
 

@@ -707,29 +707,32 @@ def test_a_killed_first_index_build_does_not_block_the_next(gallery, tmp_path):
     }
 
 
-def test_image_cache_on_a_full_disk_is_a_clean_error(tmp_path, monkeypatch):
-    """The cache file is a sparse memmap: without its blocks reserved up front, a worker writing
-    into a hole of a full disk dies of SIGBUS. Reserved, a full disk is DiskFull before any image
-    is decoded, and the cache folder keeps no half-written array."""
+def test_image_cache_on_a_full_disk_is_a_clean_error(small_disk, tmp_path, monkeypatch):
+    """The cache file is sparse: written through a memmap, a worker writing into a hole of a full
+    disk died of SIGBUS. Written with plain writes, a full disk is DiskFull, whether the cache
+    folder or the temporary folder of an in-memory decode fills, and no half-written array
+    stays."""
+    import tempfile
+
     from coembed.data import cache
     from coembed.data.formats import read_records
     from coembed.errors import DiskFull
 
-    records, _ = read_records(str(tiny_dataset(tmp_path / "data", n=4)), "filepath", "caption")
+    records, _ = read_records(str(tiny_dataset(tmp_path / "data", n=8)), "filepath", "caption")
     sources = [r.image for r in records]
-
-    def no_room(fd, offset, length):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "posix_fallocate", no_room, raising=False)
-    folder = tmp_path / "cache"
+    folder = small_disk.path / "cache"
+    monkeypatch.setattr(cache, "PARALLEL_MIN_IMAGES", 1)
+    for workers in (0, 2):  # in this process, and in a pool of decoders
+        with pytest.raises(DiskFull, match="No space left on device"):
+            cache.decode_images(sources, 256, folder, num_workers=workers)  # 1.6 MB > 1 MB
+        assert [p.name for p in folder.iterdir() if p.suffix != ".lock"] == []
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk.path))
     with pytest.raises(DiskFull, match="No space left on device"):
-        cache.decode_images(sources, 32, folder, num_workers=0)
-    assert not any(p.suffix == ".npy" or ".tmp" in p.name for p in folder.iterdir())
-    with pytest.raises(DiskFull, match="No space left on device"):
-        cache.decode_images(sources, 32, None, num_workers=0)  # in memory: through a temporary
-    monkeypatch.undo()
-    assert cache.decode_images(sources, 32, folder, num_workers=0).array.shape == (4, 32, 32, 3)
+        cache.decode_images(sources, 256, None, num_workers=0)
+    assert small_disk.entries() == ["cache"]
+    small_disk.mount("8m", remount=True)
+    decoded = cache.decode_images(sources, 256, folder, num_workers=0)
+    assert decoded.array.shape == (8, 256, 256, 3) and decoded.failures == {}
 
 
 @pytest.mark.slow

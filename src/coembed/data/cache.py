@@ -12,7 +12,6 @@ file makes concurrent processes (DDP ranks) build it once and share it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -110,9 +109,23 @@ _worker_state: dict = {}
 
 
 def _worker_init(npy_path: str, sources: Sequence[Source], size: int, max_pixels: int) -> None:
+    # Rows are written with plain file writes, not through a memmap: the file is sparse, and a
+    # memmap writing into a hole of a full disk gets SIGBUS, where a write raises ENOSPC.
+    offset = np.load(npy_path, mmap_mode="r").offset
     _worker_state.update(
-        out=np.load(npy_path, mmap_mode="r+"), sources=sources, size=size, max_pixels=max_pixels
+        file=open(npy_path, "r+b"),  # closed by _close_worker_file
+        offset=offset,
+        row_bytes=size * size * 3,
+        sources=sources,
+        size=size,
+        max_pixels=max_pixels,
     )
+
+
+def _close_worker_file() -> None:
+    f = _worker_state.get("file")
+    if f is not None:
+        f.close()
 
 
 def _pool_worker_init(*args) -> None:
@@ -124,16 +137,19 @@ def _pool_worker_init(*args) -> None:
 
 
 def _decode_into(indices: list[int]) -> list[tuple[int, str | None]]:
-    """Decode rows into the shared memmap; return (index, failure reason or None) per row."""
+    """Decode rows into the shared .npy file; return (index, failure reason or None) per row."""
     s = _worker_state
     results = []
     for i in indices:
         try:
-            s["out"][i] = decode_square(s["sources"][i], s["size"], s["max_pixels"])
-            results.append((i, None))
+            square = decode_square(s["sources"][i], s["size"], s["max_pixels"])
         except ImageReadError as e:
             results.append((i, e.reason))
-    s["out"].flush()
+            continue
+        s["file"].seek(s["offset"] + i * s["row_bytes"])
+        s["file"].write(np.ascontiguousarray(square, dtype=np.uint8).tobytes())
+        results.append((i, None))
+    s["file"].flush()
     return results
 
 
@@ -178,6 +194,7 @@ def _decode_all(
         raise
     finally:
         bar.close()
+        _close_worker_file()
         _worker_state.clear()
         if pool is not None:
             pool.close()
@@ -218,31 +235,18 @@ def _load_if_valid(npy: Path, meta: Path, n: int, size: int, fp: str) -> Decoded
 def _build(
     npy_tmp: str, sources: Sequence[Source], size: int, max_pixels: int, workers: int
 ) -> dict:
-    # Pre-size the file; the workers write rows into it through their own memmaps.
-    out = np.lib.format.open_memmap(
-        npy_tmp, mode="w+", dtype=np.uint8, shape=(len(sources), size, size, 3)
-    )
-    del out
-    reserve_blocks(npy_tmp)
-    return _decode_all(npy_tmp, sources, size, max_pixels, workers)
-
-
-def reserve_blocks(path: str) -> None:
-    """Give the sparse file ``path`` its disk blocks now. A memmap writing into a hole of a full
-    disk gets SIGBUS, which kills the process; reserved up front, a full disk is a DiskFull error
-    before any image is decoded. (Where the system cannot reserve, the holes stay.)"""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
+    """Create the .npy at ``npy_tmp`` (sized, sparse) and decode every source into it; a full
+    disk is DiskFull (the caller removes the file)."""
     try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        out = np.lib.format.open_memmap(
+            npy_tmp, mode="w+", dtype=np.uint8, shape=(len(sources), size, size, 3)
+        )
+        del out
+        return _decode_all(npy_tmp, sources, size, max_pixels, workers)
     except OSError as exc:
-        if is_disk_full(exc, Path(path).parent):
-            raise disk_full(path, exc) from None
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-    finally:
-        os.close(fd)
+        if is_disk_full(exc, Path(npy_tmp).parent):
+            raise disk_full(npy_tmp, exc) from None
+        raise
 
 
 def decode_images(

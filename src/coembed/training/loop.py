@@ -21,7 +21,7 @@ from coembed.progress import progress_bar
 from coembed.training.log import Logger, evaluate_and_log
 from coembed.training.run import CHECKPOINTS, TrainRun
 from coembed.training.state import save_checkpoint
-from coembed.training.step import train_step
+from coembed.training.step import train_step, wants_image_ids
 from coembed.training.views import two_views
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def run_epochs(
             augment=cfg.data.augment,
             fill_failed=True,
             crop_scale_min=cfg.data.crop_scale_min,
-            with_image_ids=cfg.train.soft_targets,
+            with_image_ids=wants_image_ids(cfg),
             style=style_augment_of(cfg),
             second_view=two_views(cfg),
         )
@@ -174,7 +174,7 @@ def run_epoch(
     and the signal that stops the run (0: none)."""
     cfg = run.cfg
     window_start, window_samples = time.perf_counter(), 0
-    for images, captions, *image_ids in ready:  # image ids with soft targets
+    for images, captions, *image_ids in ready:  # image ids: see step.wants_image_ids
         loss, grad_norm = train_step(run, images, captions, *image_ids)
         window_samples += len(captions) * run.dist.world
         lr = run.optimizer.param_groups[0]["lr"]

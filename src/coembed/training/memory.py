@@ -8,8 +8,8 @@ memory's images. Features drift as the weights change, so the memory holds only 
 batches (Wang et al., "Cross-Batch Memory for Embedding Learning", 2020: the drift is slow once
 the first steps are past).
 
-A remembered caption identical to a row's own caption is no negative of it: such columns are left
-out of the row (compared by a hash of the token ids). Every process keeps the same memory of the
+A remembered pair with the row's own caption (compared by a hash of the token ids) or its own
+image (the loader's image ids) is no negative of it: such columns are left out of the row. Every process keeps the same memory of the
 whole global batch. The memory is checkpointed with the run, so a resumed run is exact.
 """
 
@@ -46,29 +46,38 @@ class FeatureMemory:
         self.images = torch.zeros(size, dim, device=device)
         self.texts = torch.zeros(size, dim, device=device)
         self.keys = torch.zeros(size, dtype=torch.long, device=device)
+        self.image_ids = torch.full((size,), -1, dtype=torch.long, device=device)  # -1: unknown
         self.filled = 0  # entries written so far, up to size
         self.next = 0  # where the next entry goes
-        self._staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, image ids)
+        self._staged: tuple[torch.Tensor, ...] | None = None
 
     def columns(
-        self, tokens: torch.Tensor
+        self, tokens: torch.Tensor, image_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The memory as extra loss columns for this rank's captions ``tokens`` (B, T):
-        (images (M, D), texts (M, D), blocked (B, M) bool, True where a remembered caption is the
-        row's own); None while the memory is empty."""
+        """The memory as extra loss columns for this rank's batch, captions ``tokens`` (B, T) and
+        images ``image_ids`` (B,) (None: unknown): (images (M, D), texts (M, D), blocked (B, M)
+        bool, True where a remembered pair has the row's caption or image); None while the
+        memory is empty. The batch is noted for ``stage``."""
+        keys = caption_keys(tokens)
+        if image_ids is None:
+            ids = torch.full_like(keys, -1)
+        else:
+            ids = image_ids.to(device=keys.device, dtype=torch.long)
+        self._batch = (keys, ids)
         if self.filled == 0:
             return None
-        keys = caption_keys(tokens)
         blocked = keys[:, None] == self.keys[None, : self.filled]
+        known = ids[:, None] >= 0
+        blocked |= known & (ids[:, None] == self.image_ids[None, : self.filled])
         return self.images[: self.filled], self.texts[: self.filled], blocked
 
-    def stage(self, images: torch.Tensor, texts: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Hold this rank's batch (features (B, D), captions (B, T)) for ``commit``: the whole
-        global batch, gathered from every process, detached."""
-        keys = caption_keys(tokens)
-        self._staged = tuple(gather_ids(x.detach().float()) for x in (images, texts)) + (
-            gather_ids(keys),
-        )
+    def stage(self, images: torch.Tensor, texts: torch.Tensor) -> None:
+        """Hold this rank's batch (features (B, D) of the batch ``columns`` was last given) for
+        ``commit``: the whole global batch, gathered from every process, detached."""
+        keys, ids = self._batch
+        features = (gather_ids(x.detach().float()) for x in (images, texts))
+        self._staged = (*features, gather_ids(keys), gather_ids(ids))
 
     def commit(self) -> None:
         """Write the staged batch into the ring (after the optimizer step: the loss that read the
@@ -76,17 +85,14 @@ class FeatureMemory:
         than the memory."""
         if self._staged is None:
             return
-        images, texts, keys = (x[-self.size :] for x in self._staged)
+        images, texts, keys, ids = (x[-self.size :] for x in self._staged)
         self._staged = None
         n = images.shape[0]
         rows = (torch.arange(n, device=self.keys.device) + self.next) % self.size
         self.images[rows], self.texts[rows], self.keys[rows] = images, texts, keys
+        self.image_ids[rows] = ids
         self.next = (self.next + n) % self.size
         self.filled = min(self.filled + n, self.size)
-
-    def drop_staged(self) -> None:
-        """Forget a staged batch whose step did not happen."""
-        self._staged = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The ring as tensors, for a checkpoint."""
@@ -95,21 +101,27 @@ class FeatureMemory:
             "images": self.images.cpu(),
             "texts": self.texts.cpu(),
             "keys": self.keys.cpu(),
+            "image_ids": self.image_ids.cpu(),
             "counters": counters,
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor], where: str) -> None:
         """Put back what ``state_dict`` saved; ValueError naming ``where`` when it does not fit
         this memory (another size or width)."""
-        shapes = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        dim = self.images.shape[1]
+        shapes = {"images": (self.size, dim), "texts": (self.size, dim), "keys": (self.size,)}
+        shapes |= {"image_ids": (self.size,), "counters": (2,)}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if got != shapes:
             raise ValueError(f"{where}: a memory of shapes {got}, the run keeps {shapes}")
         filled, nxt = (int(v) for v in state["counters"])
         if not (0 <= filled <= self.size and 0 <= nxt < self.size):
             raise ValueError(f"{where}: counters {filled}, {nxt} outside a memory of {self.size}")
+        if not (state["images"].isfinite().all() and state["texts"].isfinite().all()):
+            raise ValueError(f"{where}: non-finite remembered features")
         device = self.keys.device
         self.images = state["images"].float().to(device)
         self.texts = state["texts"].float().to(device)
         self.keys = state["keys"].long().to(device)
+        self.image_ids = state["image_ids"].long().to(device)
         self.filled, self.next = filled, nxt

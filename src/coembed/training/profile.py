@@ -20,7 +20,7 @@ from coembed.device import autocast_dtype
 from coembed.files import atomic_write_text
 from coembed.training.loop import style_augment_of
 from coembed.training.run import TrainRun
-from coembed.training.step import forward_loss, train_step
+from coembed.training.step import forward_loss, train_step, wants_image_ids
 from coembed.training.views import two_views
 
 
@@ -50,8 +50,9 @@ def step_flops(run: TrainRun, images: torch.Tensor, captions: list[str]) -> int:
     tokens = run.tokenizer(captions).to(run.device)
     images = images.to(run.device)
     counter = FlopCounterMode(display=False)
+    memory = None if run.memory is None else run.memory.columns(tokens)
     with counter:
-        forward_loss(run, images, tokens).backward()
+        forward_loss(run, images, tokens, memory=memory).backward()
     run.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -68,7 +69,7 @@ def endless_batches(run: TrainRun) -> Iterator[tuple]:
             world_size=run.dist.world,
             augment=run.cfg.data.augment,
             crop_scale_min=run.cfg.data.crop_scale_min,
-            with_image_ids=run.cfg.train.soft_targets,
+            with_image_ids=wants_image_ids(run.cfg),
             style=style_augment_of(run.cfg),
             second_view=two_views(run.cfg),
         )

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from coembed.config import Config
 from coembed.device import autocast_dtype
 from coembed.loss import positive_pairs
 from coembed.towers.layers import buffers_restored
@@ -79,7 +80,7 @@ def forward_loss(
     out = {k: v.float() for k, v in out.items()}
     if run.memory is not None:
         first_view = out["image_features"][: tokens.shape[0]]
-        run.memory.stage(first_view, out["text_features"], tokens)
+        run.memory.stage(first_view, out["text_features"])
     if two_views(run.cfg):
         loss = two_view_loss(run, out, positives, memory)
     else:
@@ -117,7 +118,7 @@ def cache_features(
     images = [c["image_features"].float() for c in cached]
     texts = [c["text_features"].float() for c in cached]
     if run.memory is not None:
-        run.memory.stage(torch.cat(images), torch.cat(texts), torch.cat(token_chunks))
+        run.memory.stage(torch.cat(images), torch.cat(texts))
     return states, images, texts
 
 
@@ -211,6 +212,11 @@ def gradient_norm(run: TrainRun) -> float:
     return float(norm)
 
 
+def wants_image_ids(cfg: Config) -> bool:
+    """Whether batches carry their images' ids: soft targets and the feature memory use them."""
+    return bool(cfg.train.soft_targets or cfg.train.feature_memory)
+
+
 def batch_positives(
     run: TrainRun, tokens: torch.Tensor, image_ids: torch.Tensor | None
 ) -> torch.Tensor | None:
@@ -249,7 +255,7 @@ def train_step(
     run.optimizer.zero_grad(set_to_none=True)
     positives = batch_positives(run, tokens, image_ids)
     hidden = mlm_hidden(run, tokens)
-    memory = None if run.memory is None else run.memory.columns(tokens)
+    memory = None if run.memory is None else run.memory.columns(tokens, image_ids)
     if run.cfg.train.accum_steps > 1:
         loss = accumulated_backward(run, images, tokens, positives, hidden, memory)
     else:
