@@ -57,6 +57,11 @@ are noisy on a shared machine, and a few epochs more or less move recall more th
 
     .venv/bin/python benchmarks/bench_icons.py --data data/icon-themes --coembed-only \\
         --epochs 14 --variant "lr 5e-4" train.lr=5e-4 --variant "seed 1" train.seed=1
+
+open_clip's sides at another seed, the same epochs as a saved run (``--rates``):
+
+    .venv/bin/python benchmarks/bench_icons.py --data data/icon-themes --no-recipe \
+        --no-clip-tokenizer --rates run.jsonl --openclip-seed 1 --save run-seed1.jsonl
 """
 
 from __future__ import annotations
@@ -113,8 +118,8 @@ class Side:
 
     name: str
     trainer: str  # "coembed" or "open_clip"
-    overrides: tuple[str, ...] = ()  # coembed --set
-    optimizer: dict = field(default_factory=dict)  # open_clip: lr, wd, warmup, extra flags
+    overrides: tuple[str, ...] = ()  # coembed --set (open_clip sides: only train.seed=N)
+    optimizer: dict = field(default_factory=dict)  # open_clip: lr, wd, warmup, extra flags, seed
     rate: float = math.nan  # samples/s, the median of the probe's windows
     epochs: int = 0
     run: dict = field(default_factory=dict)
@@ -198,6 +203,7 @@ class Bench:
                 launcher, config, train, self.folder("probe-oc-"),
                 epochs=1000, lr=o["lr"], wd=o["wd"], warmup=o["warmup"], batch_size=self.batch,
                 log_every=PROBE_LOG_EVERY, extra=[*o["extra"], "--save-frequency", "0"],
+                seed=o.get("seed", 0),
             )  # fmt: skip
             return time_openclip(cmd, self.env, seconds, self.steps_per_epoch, self.batch)
         out = self.folder("probe-ce-") / "run"
@@ -218,6 +224,7 @@ class Bench:
                 launcher, config, train, logs,
                 epochs=side.epochs, lr=o["lr"], wd=o["wd"], warmup=o["warmup"],
                 batch_size=self.batch, val_csv=val, extra=[*o["extra"], "--save-frequency", "0"],
+                seed=o.get("seed", 0),
             )  # fmt: skip
             side.run = time_openclip(cmd, self.env, None, self.steps_per_epoch, self.batch)
             checkpoint = logs / "run" / "checkpoints" / f"epoch_{side.epochs}.pt"
@@ -440,6 +447,12 @@ def parse_args() -> argparse.Namespace:
         "--no-recipe", action="store_true", help="leave out the tiny recipe's own side"
     )
     parser.add_argument(
+        "--openclip-seed",
+        type=int,
+        default=0,
+        help="open_clip_train's --seed for its sides (with --rates: a second seed at the same epochs)",
+    )
+    parser.add_argument(
         "--model-set",
         nargs="+",
         default=[],
@@ -463,7 +476,11 @@ def make_sides(args: argparse.Namespace) -> list[Side]:
         settings = openclip_settings()
         if args.quick:  # one open_clip side: its defaults (best on val in RESULTS.md)
             settings = {k: v for k, v in settings.items() if "defaults" in k}
-        sides += [Side(name, "open_clip", optimizer=o) for name, o in settings.items()]
+        seed = args.openclip_seed
+        if seed:  # open_clip_train's own --seed; the seed column of the tables reads it
+            settings = {f"{name}, seed {seed}": {**o, "seed": seed} for name, o in settings.items()}
+        overrides = (f"{SEED}{seed}",) if seed else ()
+        sides += [Side(name, "open_clip", overrides, o) for name, o in settings.items()]
     return sides
 
 

@@ -94,6 +94,7 @@ def openclip_command(
     log_every: int = 2,
     val_csv: Path | None = None,
     extra: Sequence[str] = (),
+    seed: int = 0,
 ) -> list[str]:
     """``open_clip_train.main`` on the CPU in fp32 with two decode workers, on a CSV."""
     cmd = [
@@ -115,7 +116,7 @@ def openclip_command(
         "--log-every-n-steps", str(log_every),
         "--logs", str(logs),
         "--name", "run",
-        "--seed", "0",
+        "--seed", str(seed),
     ]  # fmt: skip
     if val_csv is not None:
         cmd += ["--val-data", str(val_csv)]
