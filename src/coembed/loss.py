@@ -79,7 +79,7 @@ def _with_memory(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """``logits`` (B, W*B) with the scaled similarities of ``rows`` to the ``remembered`` features
-    (M, D) appended as columns, the ``blocked`` (B, M) ones at -inf: (B, W*B + M)."""
+    (M, D) appended as columns, the ``blocked`` (B, M) ones at -1e9: (B, W*B + M)."""
     extra = scale * rows @ remembered.T
     if bias is not None:
         extra = extra + bias

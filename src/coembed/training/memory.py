@@ -9,11 +9,14 @@ batches (Wang et al., "Cross-Batch Memory for Embedding Learning", 2020: the dri
 the first steps are past).
 
 A remembered pair with the row's own caption (compared by a hash of the token ids) or its own
-image (the loader's image ids) is no negative of it: such columns are left out of the row. Every process keeps the same memory of the
-whole global batch. The memory is checkpointed with the run, so a resumed run is exact.
+image (the loader's image ids) is no negative of it: such columns are left out of the row. Every
+process keeps the same memory of the whole global batch. The memory is checkpointed with the run,
+so a resumed run is exact.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 
@@ -27,9 +30,15 @@ _HASH_SEED = 0x5EED
 def caption_keys(tokens: torch.Tensor) -> torch.Tensor:
     """(B, T) token ids -> (B,) int64 keys, equal for equal captions (a 64-bit polynomial hash,
     wrapping; two different captions collide with probability ~2^-64)."""
+    return (tokens.long() * _hash_weights(tokens.shape[1], tokens.device)).sum(dim=1)
+
+
+@lru_cache(maxsize=8)
+def _hash_weights(length: int, device: torch.device) -> torch.Tensor:
+    """The hash's ``length`` odd int64 multipliers on ``device``, drawn once."""
     generator = torch.Generator().manual_seed(_HASH_SEED)
-    weights = torch.randint(1, 2**62, (tokens.shape[1],), generator=generator) * 2 + 1
-    return (tokens.long() * weights.to(tokens.device)).sum(dim=1)
+    weights = torch.randint(1, 2**62, (length,), generator=generator) * 2 + 1
+    return weights.to(device)
 
 
 def memory_for(cfg: Config, device: torch.device) -> FeatureMemory | None:
@@ -39,7 +48,7 @@ def memory_for(cfg: Config, device: torch.device) -> FeatureMemory | None:
 
 
 class FeatureMemory:
-    """A ring of the latest ``size`` pairs' image and text features and caption keys."""
+    """A ring of the latest ``size`` pairs' image and text features, caption keys and image ids."""
 
     def __init__(self, size: int, dim: int, device: torch.device) -> None:
         self.size = size
