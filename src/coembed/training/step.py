@@ -146,8 +146,9 @@ def accumulated_backward(
     recompute, so dropout draws the same masks in both: the cached features (the negatives) and
     the differentiated ones are the same function of the weights (and the generator ends where the
     caching pass left it). Every micro-batch's loss is the whole batch's, so ``positives`` (of the
-    whole batch) and the feature memory's columns apply to each unchanged. The masked language model's term (``hidden``) is a mean
-    over tokens, local to each micro-batch: each adds its share, in its recompute only.
+    whole batch) and the feature memory's columns apply to each unchanged. The masked language
+    model's term (``hidden``) is a mean over tokens, local to each micro-batch: each adds its
+    share, in its recompute only.
     """
     n = run.cfg.train.accum_steps
     image_chunks, token_chunks = images.chunk(n), tokens.chunk(n)
