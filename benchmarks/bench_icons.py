@@ -60,7 +60,7 @@ are noisy on a shared machine, and a few epochs more or less move recall more th
 
 open_clip's sides at another seed, the same epochs as a saved run (``--rates``):
 
-    .venv/bin/python benchmarks/bench_icons.py --data data/icon-themes --no-recipe \
+    .venv/bin/python benchmarks/bench_icons.py --data data/icon-themes --no-recipe \\
         --no-clip-tokenizer --rates run.jsonl --openclip-seed 1 --save run-seed1.jsonl
 """
 

@@ -217,8 +217,10 @@ def load_checkpoint(run: TrainRun, path: Path) -> None:
         load_state_strict(run.view_head, head, str(path / VIEW_HEAD_FILE))
     if run.memory is not None:
         why = "the run keeps a feature memory (train.feature_memory)"
+        remembered = read_extra(path, MEMORY_FILE, why)
+        refuse_non_finite(remembered, str(path / MEMORY_FILE))
         try:
-            run.memory.load_state_dict(read_extra(path, MEMORY_FILE, why), str(path / MEMORY_FILE))
+            run.memory.load_state_dict(remembered, str(path / MEMORY_FILE))
         except ValueError as exc:
             raise ModelDirError(
                 f"{exc}; resume with the run's train.feature_memory, or delete {path}"
