@@ -1,15 +1,21 @@
-"""Device and process settings: the allocator setting that training applies."""
+"""Device and process settings: the allocator setting that training applies, workers' signals."""
 
 from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from coembed import process
+from coembed.cli import sigterm_as_interrupt
+from coembed.datasets import icons
 
 # A child process allocates and frees a 64 MB tensor again and again, as a training step does
 # with its activations, and prints the page faults of 20 rounds after 10 of warm-up.
@@ -111,3 +117,41 @@ def test_openmp_waiting_is_read_back_from_the_environment(monkeypatch):
     chosen = process.choose_openmp_waiting("train")
     assert chosen.startswith("sleep") and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     assert process.openmp_waiting() == chosen
+
+
+def _signal_handlers(*_: object) -> str:
+    """What a process does on SIGTERM and Ctrl-C: 'default' or 'ignore' for each, else 'handler'."""
+
+    def name(handler: object) -> str:
+        return {signal.SIG_DFL: "default", signal.SIG_IGN: "ignore"}.get(handler, "handler")
+
+    return f"{name(signal.getsignal(signal.SIGTERM))}/{name(signal.getsignal(signal.SIGINT))}"
+
+
+class _Handlers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> str:
+        return _signal_handlers()
+
+
+def test_worker_processes_die_on_sigterm_and_ignore_ctrl_c(monkeypatch, tmp_path):
+    # The CLI turns SIGTERM into an exception (sigterm_as_interrupt); a forked worker keeping that
+    # handler raised instead of dying when its pool was terminated, and `coembed data icons` hung
+    # waiting for it. Every pool and DataLoader of ours resets the handlers in its workers.
+    with sigterm_as_interrupt():
+        assert _signal_handlers() == "handler/handler"  # what a worker would inherit
+        monkeypatch.setattr(icons, "_render_task", _signal_handlers)
+        tasks = [("src", str(tmp_path / f"{i}.png"), 8) for i in range(256)]
+        rendered = icons._render_all(tasks, workers=2, desc="icons")
+        loaded = DataLoader(
+            _Handlers(), batch_size=2, num_workers=2, worker_init_fn=process.worker_signals
+        )
+        in_loader = [h for batch in loaded for h in batch]
+    assert len(rendered) == 256 and set(rendered) == {"default/ignore"}
+    assert set(in_loader) == {"default/ignore"}
+    # The project's own DataLoaders pass it.
+    for source in ("src/coembed/data/loader.py",):
+        text = (Path(__file__).parents[1] / source).read_text()
+        assert text.count("DataLoader(") == text.count("worker_init_fn=worker_signals")

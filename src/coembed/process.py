@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -123,3 +124,16 @@ def openmp_waiting(environ: Mapping[str, str] = os.environ) -> str:
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return "as set in the environment"
     return "not chosen by coembed"
+
+
+def worker_signals(*_: object) -> None:
+    """The signal handling of a worker process (a pool's initializer, a DataLoader's
+    ``worker_init_fn``): Ctrl-C is ignored and SIGTERM kills.
+
+    Ctrl-C and SIGTERM reach the whole process group, and the parent stops its workers itself. A
+    forked worker would otherwise inherit the parent's handlers: a KeyboardInterrupt traceback per
+    worker on Ctrl-C, and with ``coembed.cli.sigterm_as_interrupt`` a SIGTERM that raises inside the
+    worker instead of ending it, which can leave a pool's ``terminate`` waiting on a worker forever.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -17,7 +17,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import signal
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from coembed.data.formats import TarMember
 from coembed.data.images import ImageReadError, describe, open_image
 from coembed.data.transforms import center_crop, resize_shortest
 from coembed.files import disk_full, is_disk_full
+from coembed.process import worker_signals
 from coembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,7 @@ def _close_worker_file() -> None:
 
 
 def _pool_worker_init(*args) -> None:
-    # Ctrl-C and SIGTERM reach the whole process group: the parent stops the pool, and a worker
-    # must neither print a KeyboardInterrupt traceback nor outlive it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    worker_signals()
     _worker_init(*args)
 
 

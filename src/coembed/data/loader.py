@@ -42,6 +42,7 @@ from coembed.data.transforms import (
     train_augment,
 )
 from coembed.errors import DataError
+from coembed.process import worker_signals
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +347,7 @@ class PairData:
             # Its own generator: iterating must not draw from torch's global one (a resumed
             # run restores that state and must see the same draws as an uninterrupted one).
             generator=torch.Generator().manual_seed(0),
+            worker_init_fn=worker_signals,
         )
         for b, (u8, pairs, failed) in zip(batches, loader):
             self._note_failures(failed)
@@ -480,7 +482,11 @@ def iter_image_batches(
     dataset = _EvalImages(sources, preprocess)
     workers = num_workers if len(sources) > 2 * batch_size else 0
     loader = DataLoader(
-        dataset, batch_size=batch_size, collate_fn=_collate_eval, num_workers=workers
+        dataset,
+        batch_size=batch_size,
+        collate_fn=_collate_eval,
+        num_workers=workers,
+        worker_init_fn=worker_signals,
     )
     for items in loader:
         ok = [(i, x) for i, x, _ in items if x is not None]

@@ -86,6 +86,7 @@ from PIL import Image
 
 from coembed.errors import DataError, UsageError
 from coembed.files import atomic_write, atomic_write_text
+from coembed.process import worker_signals
 from coembed.progress import progress_bar
 
 FALLBACK_THEMES = ("default", "hicolor", "locolor")
@@ -512,10 +513,16 @@ def _render_all(tasks: list[tuple[str, str, int]], workers: int, desc: str) -> l
                 results.append(_render_task(task))
                 bar.update()
         else:
-            with multiprocessing.Pool(workers) as pool:
+            pool = multiprocessing.Pool(workers, worker_signals)
+            try:
                 for result in pool.imap(_render_task, tasks, chunksize=32):
                     results.append(result)
                     bar.update()
+            except BaseException:
+                pool.terminate()  # an interrupt or error: do not wait for the remaining icons
+                raise
+            pool.close()
+            pool.join()
     return results
 
 
