@@ -220,7 +220,7 @@ def tiny_train_run(captions: list[str], settings: list[str], batchnorm_eval: boo
     trained on ``captions`` (BatchNorm in eval mode if asked, so two passes see the same
     normalisation)."""
     from coembed.config import load_config
-    from coembed.loss import make_loss
+    from coembed.loss import loss_of
     from coembed.model import CoEmbed
     from coembed.tokenizer import Tokenizer
     from coembed.training.memory import memory_for
@@ -249,7 +249,7 @@ def tiny_train_run(captions: list[str], settings: list[str], batchnorm_eval: boo
         data=None,
         total_steps=1,
         batches_per_epoch=1,
-        loss_fn=make_loss(cfg.train.loss, cfg.train.label_smoothing),
+        loss_fn=loss_of(cfg.train),
         view_head=head,
         memory=memory_for(cfg, torch.device("cpu")),
     )

@@ -104,6 +104,9 @@ class DataConfig:
     blur_p: float = 0.0
     random_conv_p: float = 0.0  # RandConv: the chance an image is blended with a random filter
     prefetch: int = 1  # training batches prepared ahead in a background thread (0: in place)
+    # Pairs that share a caption stand together in an epoch's order, in runs of up to this
+    # many, so a batch holds one caption under several pictures (needs train.soft_targets); 1: off.
+    caption_group: int = 1
     # Webdataset shards: an epoch draws this many pairs, shard by shard with replacement
     # (0: an epoch is one pass over every pair).
     train_num_samples: int = 0
@@ -158,6 +161,10 @@ class TrainConfig:
     # Cross-batch memory (coembed.training.memory): the features of this many of the latest
     # training pairs join every step's softmax loss as extra negatives; 0: off.
     feature_memory: int = 0
+    # Supervised contrast between a batch's images whose captions match (coembed.loss.
+    # image_supcon), added with this weight (needs train.soft_targets); 0: off.
+    image_supcon_weight: float = 0.0
+    image_supcon_temperature: float = 0.1
 
 
 @dataclass
@@ -367,6 +374,13 @@ def _bounded(cfg: Config) -> list[tuple[str, float, Bounds]]:
         ("train.simclr_weight", tr.simclr_weight, Bounds(0, 100, why="a loss weight")),
         ("train.simclr_temperature", tr.simclr_temperature, Bounds(0, 10, lo_open=True)),
         ("train.feature_memory", tr.feature_memory, Bounds(0, 1 << 20, why=LIMIT_WHY)),
+        ("train.image_supcon_weight", tr.image_supcon_weight, Bounds(0, 100, why="a loss weight")),
+        (
+            "train.image_supcon_temperature",
+            tr.image_supcon_temperature,
+            Bounds(0, 10, lo_open=True),
+        ),
+        ("data.caption_group", d.caption_group, Bounds(1, 1 << 16, why=LIMIT_WHY)),
         ("data.max_cache_gb", d.max_cache_gb, NOT_NEGATIVE),
         ("data.workers", d.workers, Bounds(0, 1024)),
         ("data.prefetch", d.prefetch, Bounds(0, 1024)),
@@ -477,12 +491,31 @@ def _check_views(cfg: Config) -> None:
             )
 
 
+def _check_caption_matches(cfg: Config) -> None:
+    """Caption runs and the images' supervised contrast work on the pairs of a batch whose
+    captions match, which only soft targets tell apart from negatives."""
+    on = [
+        name
+        for name, value in (
+            ("data.caption_group", cfg.data.caption_group > 1),
+            ("train.image_supcon_weight", cfg.train.image_supcon_weight),
+        )
+        if value
+    ]
+    if on and not cfg.train.soft_targets:
+        raise ConfigError(
+            f"{' and '.join(on)} put(s) pairs with one caption together, which without soft "
+            "targets are each other's negatives: add train.soft_targets=true"
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges and choices, changing nothing; returns the same config or raises ConfigError."""
     _check_choices(cfg)
     _check_ranges(cfg)
     _check_augment(cfg.data)
     _check_views(cfg)
+    _check_caption_matches(cfg)
     _check_text(cfg.model.text, cfg.model.tokenizer)
     _check_image(cfg.model.image)
     _check_run(cfg.train)

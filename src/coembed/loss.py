@@ -13,10 +13,15 @@ loss's targets with the uniform distribution over the global batch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from coembed.config import TrainConfig
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -189,15 +194,77 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> to
     return F.cross_entropy(logits.masked_fill(itself, float("-inf")), targets)
 
 
-def make_loss(kind: str, label_smoothing: float = 0.0) -> nn.Module:
+def image_supcon(
+    image_features: torch.Tensor, positives: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """Supervised contrast between images (SupCon's L_out): each of this rank's images picks the
+    other images of the global batch it is a positive of (the same caption or the same picture,
+    ``positive_pairs``) among all the batch's images but itself, at cosine similarity /
+    ``temperature``. Summed over the rows that have such an image and divided by all B rows, so
+    the mean over ranks is one process's loss on the whole batch; 0 when no row has one.
+
+    ``image_features`` (B, D) are L2-normalized; ``positives`` (B, W*B) bool or None.
+    """
+    if positives is None:
+        return image_features.sum() * 0.0  # no pair of the batch shares a caption or picture
+    B = image_features.shape[0]
+    logits = image_features @ gather_with_grad(image_features).T / temperature  # (B, W*B)
+    rows = torch.arange(B, device=logits.device)
+    itself = torch.zeros_like(positives)
+    itself[rows, rows + _rank() * B] = True
+    others = positives & ~itself
+    counts = others.sum(dim=1)  # (B,) each row's positives
+    logits = logits.masked_fill(itself, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    # Mean log-probability over each row's positives (the -inf diagonal is never selected).
+    picked = torch.where(others, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
+    has = counts > 0
+    return -(picked[has] / counts[has]).sum() / B
+
+
+class WithImageSupCon(nn.Module):
+    """A contrastive loss plus ``weight`` x ``image_supcon`` of its image features at
+    ``temperature`` (``train.image_supcon_weight``): images whose captions match are pulled
+    together directly, not only through their shared caption."""
+
+    def __init__(self, loss: nn.Module, weight: float, temperature: float) -> None:
+        super().__init__()
+        self.loss, self.weight, self.temperature = loss, weight, temperature
+
+    def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The wrapped loss of the same arguments, plus the weighted image term."""
+        term = image_supcon(image_features, kwargs.get("positives"), self.temperature)
+        return self.loss(image_features, *args, **kwargs) + self.weight * term
+
+
+def make_loss(
+    kind: str,
+    label_smoothing: float = 0.0,
+    image_supcon_weight: float = 0.0,
+    image_supcon_temperature: float = 0.1,
+) -> nn.Module:
     """The contrastive loss named ``kind`` (clip or siglip); label smoothing is the softmax
-    loss's alone."""
+    loss's alone. With ``image_supcon_weight`` the images' supervised contrast is added."""
     from coembed.errors import ConfigError
 
     if kind == "clip":
-        return ClipLoss(label_smoothing)
-    if kind == "siglip":
+        loss: nn.Module = ClipLoss(label_smoothing)
+    elif kind == "siglip":
         if label_smoothing:
             raise ConfigError("label smoothing applies to the softmax loss (clip), not siglip")
-        return SigLipLoss()
-    raise ConfigError(f"unknown loss {kind!r} (clip or siglip)")
+        loss = SigLipLoss()
+    else:
+        raise ConfigError(f"unknown loss {kind!r} (clip or siglip)")
+    if image_supcon_weight:
+        return WithImageSupCon(loss, image_supcon_weight, image_supcon_temperature)
+    return loss
+
+
+def loss_of(train: TrainConfig) -> nn.Module:
+    """The training loss a run's ``train`` settings ask for."""
+    return make_loss(
+        train.loss,
+        train.label_smoothing,
+        train.image_supcon_weight,
+        train.image_supcon_temperature,
+    )

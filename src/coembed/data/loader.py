@@ -109,6 +109,38 @@ def epoch_permutation(num_pairs: int, seed: int, epoch: int) -> Tensor:
     )
 
 
+# Keeps the caption runs' draws apart from the other streams seeded from the run's seed.
+CAPTION_RUN_STREAM = 0xCA97
+
+
+def caption_runs(
+    order: Tensor, caption_ids: np.ndarray, length: int, seed: int, epoch: int
+) -> Tensor:
+    """``order`` (E,) rearranged so that pairs sharing a caption id stand together in runs of up
+    to ``length``: each caption's pairs, in their order in ``order``, are cut into runs, and the
+    runs (a caption's own, and single pairs) are shuffled by a generator of (seed, epoch). A batch
+    then holds one caption under several pictures, which soft targets count as positives.
+
+    ``caption_ids`` (P,) gives each pair its caption's id; ``order`` may repeat pairs (a
+    resampled epoch's draw). The same on every rank; ``length`` 1 returns ``order`` unchanged.
+    """
+    if length <= 1 or len(order) == 0:
+        return order
+    ids = caption_ids[order.numpy()]
+    by_caption = np.argsort(ids, kind="stable")  # each caption's pairs together, in epoch order
+    grouped = ids[by_caption]
+    position = np.arange(len(grouped))
+    first = np.ones(len(grouped), dtype=bool)
+    first[1:] = grouped[1:] != grouped[:-1]  # (E,) the caption's first pair
+    within = position - np.maximum.accumulate(np.where(first, position, 0))  # index in caption
+    run = np.cumsum(first | (within % length == 0)) - 1  # (E,) run number of each pair
+    words = np.random.SeedSequence([seed, epoch, CAPTION_RUN_STREAM]).generate_state(1)
+    generator = torch.Generator().manual_seed(int(words[0]))
+    run_place = torch.randperm(int(run[-1]) + 1, generator=generator).numpy()
+    arranged = np.lexsort((within, run_place[run]))  # by the run's place, then within the run
+    return order[torch.from_numpy(by_caption[arranged])]
+
+
 def batch_generator(seed: int, epoch: int, batch: int, rank: int) -> torch.Generator:
     """The augmentation generator of one rank's slice of one global batch."""
     words = [x & 0xFFFFFFFF for x in (seed, seed >> 32, epoch, batch, rank)]
@@ -166,6 +198,7 @@ class PairData:
         self.num_workers = num_workers
         self._stream_failed: dict[int, str] = {}  # image row -> reason, streaming mode
         self._image_ids: np.ndarray | None = None  # (N,) see ``image_ids``, made when asked
+        self._caption_ids: np.ndarray | None = None  # (P,) see ``caption_ids``, made when asked
 
     @property
     def streaming(self) -> bool:
@@ -231,6 +264,12 @@ class PairData:
             self._image_ids = rows
         return self._image_ids
 
+    def caption_ids(self) -> np.ndarray:
+        """(P,) int64: for each pair, an id its caption shares with every pair of the same text."""
+        if self._caption_ids is None:
+            self._caption_ids = np.unique(np.asarray(self.pair_caption), return_inverse=True)[1]
+        return self._caption_ids
+
     @property
     def epoch_size(self) -> int:
         """Pairs in an epoch: every pair once (a resampled epoch draws another number)."""
@@ -265,6 +304,7 @@ class PairData:
         with_image_ids: bool = False,
         style: StyleAugment | None = None,
         second_view: bool = False,
+        caption_group: int = 1,
     ) -> Iterator[tuple[Tensor, list[str]] | tuple[Tensor, list[str], Tensor]]:
         """This rank's batches of one epoch from ``start_batch`` on: (images, captions), and with
         ``with_image_ids`` a third item, the (B,) int64 id of each pair's image (two captions of
@@ -279,12 +319,16 @@ class PairData:
         (2B, 3, S, S), the first views on top (the first views as without it). In streaming mode
         an image that fails to decode is dropped from its batch (and a batch with none left is
         skipped). With ``fill_failed`` (training) every batch keeps its size instead, which DDP's
-        all-gather and the step -> batch arithmetic of a resume need: see ``_fill``.
+        all-gather and the step -> batch arithmetic of a resume need: see ``_fill``. With
+        ``caption_group`` above 1 the epoch's pairs that share a caption stand together in runs of
+        up to that many (``caption_runs``).
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         n_batches = self.num_batches(batch_size, world_size)
-        perm = self.epoch_pairs(seed, epoch)
+        perm = caption_runs(
+            self.epoch_pairs(seed, epoch), self.caption_ids(), caption_group, seed, epoch
+        )
         G = batch_size * world_size
         # Rows of `perm` this rank takes: (n_batches, B) pair indices.
         mine = perm[: n_batches * G].view(n_batches, world_size, batch_size)[:, rank]

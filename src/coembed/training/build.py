@@ -19,7 +19,7 @@ from coembed.checkpoint import TOKENIZER_FILE, load_model_dir, load_state_strict
 from coembed.config import Config, complete_config, load_config, validate
 from coembed.device import autocast_dtype
 from coembed.errors import UsageError
-from coembed.loss import make_loss
+from coembed.loss import loss_of
 from coembed.model import CoEmbed
 from coembed.training.ema import WeightAverage
 from coembed.training.inputs import (
@@ -217,7 +217,7 @@ def build_run(
         data=data,
         total_steps=total_steps_for(cfg, batches),
         batches_per_epoch=batches,
-        loss_fn=make_loss(cfg.train.loss, cfg.train.label_smoothing),
+        loss_fn=loss_of(cfg.train),
         read_report=report,
         ema=WeightAverage(raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None,
         view_head=view_head,

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -107,6 +107,29 @@ def run_loop(run: TrainRun, logger: Logger) -> dict:
     return last_metrics
 
 
+def epoch_batches(
+    run: TrainRun, epoch: int, start_batch: int = 0, fill_failed: bool = False
+) -> Iterator[tuple]:
+    """This rank's training batches of ``epoch`` from ``start_batch`` on, as the run's config asks
+    for them (augmentation, image ids, a second view, caption runs)."""
+    cfg = run.cfg
+    return run.data.epoch_batches(
+        epoch,
+        cfg.train.seed,
+        run.per_rank_batch,
+        start_batch=start_batch,
+        rank=run.dist.rank,
+        world_size=run.dist.world,
+        augment=cfg.data.augment,
+        fill_failed=fill_failed,
+        crop_scale_min=cfg.data.crop_scale_min,
+        with_image_ids=wants_image_ids(cfg),
+        style=style_augment_of(cfg),
+        second_view=two_views(cfg),
+        caption_group=cfg.data.caption_group,
+    )
+
+
 def run_epochs(
     run: TrainRun, logger: Logger, bar: tqdm, requests: StopRequests
 ) -> tuple[dict, int]:
@@ -119,20 +142,7 @@ def run_epochs(
     signum = 0
     while run.step < run.total_steps and not signum:
         epoch, start_batch = divmod(run.step, run.batches_per_epoch)
-        stream = run.data.epoch_batches(
-            epoch,
-            cfg.train.seed,
-            run.per_rank_batch,
-            start_batch=start_batch,
-            rank=run.dist.rank,
-            world_size=run.dist.world,
-            augment=cfg.data.augment,
-            fill_failed=True,
-            crop_scale_min=cfg.data.crop_scale_min,
-            with_image_ids=wants_image_ids(cfg),
-            style=style_augment_of(cfg),
-            second_view=two_views(cfg),
-        )
+        stream = epoch_batches(run, epoch, start_batch, fill_failed=True)
         with prefetched(stream, cfg.data.prefetch) as ready:
             last_metrics, signum = run_epoch(run, logger, ready, bar, epoch, requests, last_metrics)
         if run.dist.world > 1:

@@ -18,10 +18,9 @@ import torch
 
 from coembed.device import autocast_dtype
 from coembed.files import atomic_write_text
-from coembed.training.loop import style_augment_of
+from coembed.training.loop import epoch_batches
 from coembed.training.run import TrainRun
-from coembed.training.step import forward_loss, train_step, wants_image_ids
-from coembed.training.views import two_views
+from coembed.training.step import forward_loss, train_step
 
 
 def measured_matmul_flops(
@@ -61,18 +60,7 @@ def endless_batches(run: TrainRun) -> Iterator[tuple]:
     """This rank's batches, epoch after epoch: small data runs out of batches within a profile."""
     epoch = 0
     while True:
-        yield from run.data.epoch_batches(
-            epoch,
-            run.cfg.train.seed,
-            run.per_rank_batch,
-            rank=run.dist.rank,
-            world_size=run.dist.world,
-            augment=run.cfg.data.augment,
-            crop_scale_min=run.cfg.data.crop_scale_min,
-            with_image_ids=wants_image_ids(run.cfg),
-            style=style_augment_of(run.cfg),
-            second_view=two_views(run.cfg),
-        )
+        yield from epoch_batches(run, epoch)
         epoch += 1
 
 
