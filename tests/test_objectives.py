@@ -390,6 +390,11 @@ def test_two_views_under_torchrun_train(repeated_data, tmp_path):
         (["data.augment=false", "data.random_conv_p=0.5"], "needs data.augment=true"),
         (["data.caption_group=2"], "add train.soft_targets=true"),
         (["train.image_supcon_weight=0.5"], "add train.soft_targets=true"),
+        (["train.caption_proxy_weight=-1"], "train.caption_proxy_weight: must be in [0, 100]"),
+        (
+            ["train.caption_proxy_temperature=0"],
+            "train.caption_proxy_temperature: must be in (0, 10]",
+        ),
         (["data.caption_group=0"], "data.caption_group: must be"),
         (["train.image_supcon_weight=-1"], "train.image_supcon_weight: must be in [0, 100]"),
         (
@@ -423,6 +428,7 @@ def test_defaults_leave_the_objectives_off():
     assert cfg.train.simclr_weight == 0.0 and cfg.train.multiview is False
     assert cfg.model.image.mixstyle == 0.0 and cfg.data.random_conv_p == 0.0
     assert cfg.data.caption_group == 1 and cfg.train.image_supcon_weight == 0.0
+    assert cfg.train.caption_proxy_weight == 0.0
     assert not two_views(cfg) and view_head_for(cfg) is None
     assert not style_augment_of(cfg).active
 
@@ -466,6 +472,8 @@ def process_settings_kept():
         ["train.feature_memory=20", "train.soft_targets=true", "train.accum_steps=2"],
         ["train.soft_targets=true", "data.caption_group=2", "train.image_supcon_weight=0.5"],
         ["train.soft_targets=true", "train.image_supcon_weight=1", "train.accum_steps=2"],
+        ["train.caption_proxy_weight=1"],
+        ["train.caption_proxy_weight=0.5", "train.accum_steps=2", "train.mlm_weight=0.5"],
     ],
     ids=str,
 )

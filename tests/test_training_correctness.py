@@ -158,6 +158,8 @@ PROBES = [
     Probe("train.simclr_temperature", 0.5, "train", lambda s: s["losses"], base=("train.simclr_weight=1",)),
     Probe("train.feature_memory", 16, "train", lambda s: s["losses"]),
     Probe("train.multiview", True, "train", lambda s: s["losses"]),
+    Probe("train.caption_proxy_weight", 1.0, "train", lambda s: s["losses"]),
+    Probe("train.caption_proxy_temperature", 0.5, "train", lambda s: s["losses"], base=("train.caption_proxy_weight=1",)),
     Probe("data.caption_group", 2, "train", _first_batch, base=("data.caption_key=topic", "train.soft_targets=true")),
     Probe("train.image_supcon_weight", 1.0, "train", lambda s: s["losses"], base=("data.caption_key=topic", "train.soft_targets=true")),
     Probe("train.image_supcon_temperature", 0.5, "train", lambda s: s["losses"], base=("data.caption_key=topic", "train.soft_targets=true", "train.image_supcon_weight=1")),

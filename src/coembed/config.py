@@ -165,6 +165,10 @@ class TrainConfig:
     # image_supcon), added with this weight (needs train.soft_targets); 0: off.
     image_supcon_weight: float = 0.0
     image_supcon_temperature: float = 0.1
+    # A learned vector per distinct training caption (coembed.training.proxies): both towers'
+    # features are classified among all of them, added to the loss with this weight; 0: off.
+    caption_proxy_weight: float = 0.0
+    caption_proxy_temperature: float = 0.07
 
 
 @dataclass
@@ -334,7 +338,7 @@ FRACTION = Bounds(0, 1, hi_open=True)
 
 def _bounded(cfg: Config) -> list[tuple[str, float, Bounds]]:
     """Every number with a range: (its key, its value, the range)."""
-    m, t, i, tr, d = cfg.model, cfg.model.text, cfg.model.image, cfg.train, cfg.data
+    m, t, i = cfg.model, cfg.model.text, cfg.model.image
     return [
         ("model.embed_dim", m.embed_dim, SIZE),
         ("model.max_logit_scale", m.max_logit_scale, Bounds(1)),  # exp(t) is clamped to [1, max]
@@ -349,6 +353,13 @@ def _bounded(cfg: Config) -> list[tuple[str, float, Bounds]]:
         ("model.image.image_size", i.image_size, Bounds(1, MAX_IMAGE_SIZE, why=LIMIT_WHY)),
         ("model.image.heads", i.heads, SIZE),
         ("model.image.mixstyle", i.mixstyle, Bounds(0, 1)),
+    ] + _bounded_run(cfg)
+
+
+def _bounded_run(cfg: Config) -> list[tuple[str, float, Bounds]]:
+    """The training and data settings of ``_bounded``."""
+    tr, d = cfg.train, cfg.data
+    return [
         ("train.batch_size", tr.batch_size, Bounds(1, 1 << 24, why=LIMIT_WHY)),
         ("train.accum_steps", tr.accum_steps, POSITIVE),
         ("train.lr", tr.lr, Bounds(0, lo_open=True)),
@@ -378,6 +389,16 @@ def _bounded(cfg: Config) -> list[tuple[str, float, Bounds]]:
         (
             "train.image_supcon_temperature",
             tr.image_supcon_temperature,
+            Bounds(0, 10, lo_open=True),
+        ),
+        (
+            "train.caption_proxy_weight",
+            tr.caption_proxy_weight,
+            Bounds(0, 100, why="a loss weight"),
+        ),
+        (
+            "train.caption_proxy_temperature",
+            tr.caption_proxy_temperature,
             Bounds(0, 10, lo_open=True),
         ),
         ("data.caption_group", d.caption_group, Bounds(1, 1 << 16, why=LIMIT_WHY)),

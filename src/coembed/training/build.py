@@ -33,6 +33,7 @@ from coembed.training.inputs import (
 )
 from coembed.training.memory import memory_for
 from coembed.training.optim import make_optimizer, total_steps_for
+from coembed.training.proxies import proxies_for
 from coembed.training.run import (
     RUN_CONFIG,
     Dist,
@@ -222,6 +223,7 @@ def build_run(
         ema=WeightAverage(raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None,
         view_head=view_head,
         memory=memory_for(cfg, device),
+        proxies=proxies_for(cfg, data.pair_caption, device, optimizer),
     )
     read_evaluation_sets(run, options)
     if dist_.is_main and keep and not plan.resuming:

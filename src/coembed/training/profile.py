@@ -50,8 +50,9 @@ def step_flops(run: TrainRun, images: torch.Tensor, captions: list[str]) -> int:
     images = images.to(run.device)
     counter = FlopCounterMode(display=False)
     memory = None if run.memory is None else run.memory.columns(tokens)
+    ids = None if run.proxies is None else run.proxies.ids(captions)
     with counter:
-        forward_loss(run, images, tokens, memory=memory).backward()
+        forward_loss(run, images, tokens, memory=memory, caption_ids=ids).backward()
     run.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from coembed.tokenizer import Tokenizer
     from coembed.training.ema import WeightAverage
     from coembed.training.memory import FeatureMemory
+    from coembed.training.proxies import CaptionProxies
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
@@ -99,11 +100,15 @@ class TrainRun:
     ema: WeightAverage | None = None  # train.ema_decay > 0: the weights' moving average
     view_head: nn.Module | None = None  # train.simclr_weight > 0: views.ViewHead, not in the model
     memory: FeatureMemory | None = None  # train.feature_memory > 0: the latest pairs' features
+    proxies: CaptionProxies | None = None  # train.caption_proxy_weight > 0: one per caption
+
+    def heads(self) -> list[nn.Module]:
+        """What the run trains beside the model: the projection head, the caption proxies."""
+        return [m for m in (self.view_head, self.proxies) if m is not None]
 
     def trained_parameters(self) -> list[nn.Parameter]:
-        """The model's parameters and the projection head's (when the run trains one)."""
-        head = [] if self.view_head is None else list(self.view_head.parameters())
-        return [*self.raw_model.parameters(), *head]
+        """The model's parameters, then those of the run's ``heads``."""
+        return [*self.raw_model.parameters(), *(p for m in self.heads() for p in m.parameters())]
 
     @property
     def evaluated_model(self) -> CoEmbed:

@@ -41,6 +41,7 @@ from coembed.training.run import (
 EMA_FILE = "ema.safetensors"  # the weights' moving average, in runs with train.ema_decay
 VIEW_HEAD_FILE = "view_head.safetensors"  # the projection head, in runs with train.simclr_weight
 MEMORY_FILE = "memory.safetensors"  # the feature memory, in runs with train.feature_memory
+PROXIES_FILE = "proxies.safetensors"  # the caption proxies, in runs with train.caption_proxy_weight
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -110,6 +111,8 @@ def save_checkpoint(run: TrainRun) -> Path:
             save_weights(tmp / VIEW_HEAD_FILE, run.view_head.state_dict(), {"step": str(run.step)})
         if run.memory is not None:
             save_weights(tmp / MEMORY_FILE, run.memory.state_dict(), {"step": str(run.step)})
+        if run.proxies is not None:
+            save_weights(tmp / PROXIES_FILE, run.proxies.state_dict(), {"step": str(run.step)})
         epoch, batch = divmod(run.step, run.batches_per_epoch)
         state = {
             "step": run.step,
@@ -120,6 +123,8 @@ def save_checkpoint(run: TrainRun) -> Path:
             "optimizer": opt_meta,
             "skipped": run.data.skipped,
         }
+        if run.proxies is not None:
+            state["caption_proxies"] = run.proxies.digest  # which captions the rows stand for
         atomic_write_text(tmp / "state.json", json.dumps(state))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give back what it took
@@ -198,6 +203,20 @@ def read_extra(path: Path, name: str, why: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def load_proxies(run: TrainRun, path: Path, state: dict) -> None:
+    """The caption proxies of the checkpoint ``path``, refused unless they stand for the same
+    captions as the run's (the data's distinct captions, sorted)."""
+    if state.get("caption_proxies") != run.proxies.digest:
+        raise DataError(
+            f"{path}: its caption proxies were trained for other captions than the training data "
+            "has now; resume on the same data (train.caption_proxy_weight keeps one per caption)"
+        )
+    why = "the run trains caption proxies (train.caption_proxy_weight)"
+    proxies = read_extra(path, PROXIES_FILE, why)
+    refuse_non_finite(proxies, str(path / PROXIES_FILE))
+    load_state_strict(run.proxies, proxies, str(path / PROXIES_FILE))
+
+
 def load_checkpoint(run: TrainRun, path: Path) -> None:
     """Restore weights (and their moving average), optimizer, RNG and step from the checkpoint
     folder ``path``."""
@@ -215,6 +234,8 @@ def load_checkpoint(run: TrainRun, path: Path) -> None:
         why = "the run trains a projection head (train.simclr_weight)"
         head = read_extra(path, VIEW_HEAD_FILE, why)
         load_state_strict(run.view_head, head, str(path / VIEW_HEAD_FILE))
+    if run.proxies is not None:
+        load_proxies(run, path, state)
     if run.memory is not None:
         why = "the run keeps a feature memory (train.feature_memory)"
         remembered = read_extra(path, MEMORY_FILE, why)

@@ -17,6 +17,7 @@ from coembed.device import autocast_dtype
 from coembed.loss import positive_pairs
 from coembed.towers.layers import buffers_restored
 from coembed.training.optim import learning_rate
+from coembed.training.proxies import proxy_term
 from coembed.training.run import TrainingDiverged, TrainRun
 from coembed.training.state import last_good
 from coembed.training.views import average_head_gradients, two_view_loss, two_views
@@ -67,27 +68,32 @@ def forward_loss(
     positives: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
     memory: tuple[torch.Tensor, ...] | None = None,
+    caption_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss of one batch (model under autocast, loss in fp32): contrastive, with
     ``positives`` as ``coembed.loss.positive_pairs`` returns them and the feature memory's
     columns (``memory.FeatureMemory.columns``), plus the masked language model's term when
-    ``hidden`` (from ``mlm_hidden``) is given. With a second view (``views.two_views``)
+    ``hidden`` (from ``mlm_hidden``) is given and the caption proxies' term when the pairs'
+    ``caption_ids`` (``proxies.CaptionProxies.ids``) are. With a second view (``views.two_views``)
     ``images`` are (2B, 3, S, S), both views in one pass through the tower, and the loss is
     ``views.two_view_loss``. The batch's features are staged for the memory."""
     with autocast(run):
         out = run.model(images, tokens, hidden)
     logits = out.pop("mlm_logits", None)
     out = {k: v.float() for k, v in out.items()}
+    first_view = out["image_features"][: tokens.shape[0]]
     if run.memory is not None:
-        first_view = out["image_features"][: tokens.shape[0]]
         run.memory.stage(first_view, out["text_features"])
+    extra = torch.zeros((), device=first_view.device)
+    if caption_ids is not None:
+        extra = proxy_term(run, first_view, out["text_features"], caption_ids, len(caption_ids))
     if two_views(run.cfg):
         loss = two_view_loss(run, out, positives, memory)
     else:
         loss = run.loss_fn(**out, positives=positives, memory=memory)
     if logits is not None:
         loss = loss + mlm_term(run, logits, tokens, hidden, int(hidden.sum()))
-    return loss
+    return loss + extra
 
 
 def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -122,6 +128,23 @@ def cache_features(
     return states, images, texts
 
 
+def spliced(
+    out: dict[str, torch.Tensor], images: list[torch.Tensor], texts: list[torch.Tensor], j: int
+) -> dict[str, torch.Tensor]:
+    """The whole batch's features (fp32) with micro-batch ``j``'s recomputed ``out`` in place of
+    its cached ones (``images``, ``texts``); the temperature (and bias) with gradient in the last
+    micro-batch only."""
+    features = {
+        k: torch.cat(cached[:j] + [out[k].float()] + cached[j + 1 :])
+        for k, cached in (("image_features", images), ("text_features", texts))
+    }
+    last = j == len(images) - 1
+    for k in ("logit_scale", "logit_bias"):
+        if k in out:
+            features[k] = (out[k] if last else out[k].detach()).float()
+    return features
+
+
 def accumulated_backward(
     run: TrainRun,
     images: torch.Tensor,
@@ -129,6 +152,7 @@ def accumulated_backward(
     positives: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
     memory: tuple[torch.Tensor, ...] | None = None,
+    caption_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient accumulation that keeps the whole batch as contrastive negatives; returns the loss.
 
@@ -147,8 +171,8 @@ def accumulated_backward(
     the differentiated ones are the same function of the weights (and the generator ends where the
     caching pass left it). Every micro-batch's loss is the whole batch's, so ``positives`` (of the
     whole batch) and the feature memory's columns apply to each unchanged. The masked language
-    model's term (``hidden``) is a mean over tokens, local to each micro-batch: each adds its
-    share, in its recompute only.
+    model's term (``hidden``) is a mean over tokens and the caption proxies' (``caption_ids``)
+    a mean over rows, both local to each micro-batch: each adds its share, in its recompute only.
     """
     n = run.cfg.train.accum_steps
     image_chunks, token_chunks = images.chunk(n), tokens.chunk(n)
@@ -156,32 +180,25 @@ def accumulated_backward(
     ddp = isinstance(run.model, nn.parallel.DistributedDataParallel)
     hidden_chunks = [None] * n if hidden is None else hidden.chunk(n)
     count = 0 if hidden is None else int(hidden.sum())
-    mlm_total = torch.zeros((), device=run.device)
+    id_chunks = [None] * n if caption_ids is None else caption_ids.chunk(n)
+    local_total = torch.zeros((), device=run.device)  # the local terms' sum over micro-batches
     for j in range(n):
-        last = j == n - 1
         # DDP all-reduces the accumulated gradients once, in the last micro-batch's backward.
-        with contextlib.nullcontext() if last or not ddp else run.model.no_sync():
+        with contextlib.nullcontext() if j == n - 1 or not ddp else run.model.no_sync():
             set_rng_state(states[j], run.device)
             with autocast(run):
                 out = run.model(image_chunks[j], token_chunks[j], hidden_chunks[j])
-            features = {
-                k: torch.cat(cached[:j] + [out[k].float()] + cached[j + 1 :])
-                for k, cached in (
-                    ("image_features", cached_images),
-                    ("text_features", cached_texts),
-                )
-            }
-            for k in ("logit_scale", "logit_bias"):
-                if k in out:
-                    features[k] = (out[k] if last else out[k].detach()).float()
+            features = spliced(out, cached_images, cached_texts, j)
             contrastive = run.loss_fn(**features, positives=positives, memory=memory)
-            loss = contrastive
+            local = torch.zeros((), device=run.device)
             if hidden is not None:
-                mlm = mlm_term(run, out["mlm_logits"], token_chunks[j], hidden_chunks[j], count)
-                mlm_total += mlm.detach()
-                loss = contrastive + mlm
-            backward(run, loss)
-    return contrastive.detach() if hidden is None else contrastive.detach() + mlm_total
+                local = mlm_term(run, out["mlm_logits"], token_chunks[j], hidden_chunks[j], count)
+            if caption_ids is not None:
+                feats = (out["image_features"], out["text_features"])
+                local = local + proxy_term(run, *feats, id_chunks[j], len(caption_ids))
+            local_total += local.detach()
+            backward(run, contrastive + local)
+    return contrastive.detach() + local_total
 
 
 def backward(run: TrainRun, loss: torch.Tensor) -> None:
@@ -250,17 +267,17 @@ def train_step(
         images, tokens = images.pin_memory(), tokens.pin_memory()
     images = images.to(run.device, non_blocking=True)
     tokens = tokens.to(run.device, non_blocking=True)
-    lr = learning_rate(run.step, run.total_steps, run.cfg)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = learning_rate(run.step, run.total_steps, run.cfg)
     run.optimizer.zero_grad(set_to_none=True)
     positives = batch_positives(run, tokens, image_ids)
     hidden = mlm_hidden(run, tokens)
     memory = None if run.memory is None else run.memory.columns(tokens, image_ids)
+    ids = None if run.proxies is None else run.proxies.ids(captions)
     if run.cfg.train.accum_steps > 1:
-        loss = accumulated_backward(run, images, tokens, positives, hidden, memory)
+        loss = accumulated_backward(run, images, tokens, positives, hidden, memory, ids)
     else:
-        loss = forward_loss(run, images, tokens, positives, hidden, memory)
+        loss = forward_loss(run, images, tokens, positives, hidden, memory, ids)
         backward(run, loss)
     average_head_gradients(run)
     value = global_mean(run, loss.detach())

@@ -74,11 +74,12 @@ def two_view_loss(
 
 
 def average_head_gradients(run: TrainRun) -> None:
-    """Average the head's gradients over the ranks, as DDP does the model's (the head is outside
-    DDP's module, and each rank's NT-Xent covers its own rows)."""
-    if run.view_head is None or run.dist.world == 1:
+    """Average the gradients of the run's heads (the projection head, the caption proxies) over
+    the ranks, as DDP does the model's: they are outside DDP's module, and each rank's terms
+    cover its own rows."""
+    if run.dist.world == 1:
         return
-    for p in run.view_head.parameters():
+    for p in (p for head in run.heads() for p in head.parameters()):
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= run.dist.world
