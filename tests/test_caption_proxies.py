@@ -20,16 +20,35 @@ CAPTIONS = [f"a picture of {('red', 'blue', 'green')[i % 3]} things" for i in ra
 
 
 def test_proxies_have_one_row_per_distinct_caption_in_sorted_order():
-    proxies = CaptionProxies(["b", "a", "b", "c"], 4)
+    proxies = CaptionProxies(["b", "a", "b", "c"], 4, min_pairs=1)
     assert proxies.captions == ["a", "b", "c"] and proxies.weight.shape == (3, 4)
     assert proxies.ids(["c", "b", "b", "a"]).tolist() == [2, 1, 1, 0]
-    again = CaptionProxies(["c", "a", "b"], 4)
+    again = CaptionProxies(["c", "a", "b"], 4, min_pairs=1)
     assert again.digest == proxies.digest and torch.equal(again.weight, proxies.weight)
-    assert CaptionProxies(["a", "b", "d"], 4).digest != proxies.digest
+    assert CaptionProxies(["a", "b", "d"], 4, min_pairs=1).digest != proxies.digest
+
+
+def test_only_captions_of_several_pairs_get_a_proxy():
+    proxies = CaptionProxies(["b", "a", "b", "c", "c", "c"], 4)  # min_pairs 2, the default
+    assert proxies.captions == ["b", "c"]
+    ids = proxies.ids(["a", "b", "c", "a"])
+    assert ids.tolist() == [-1, 0, 1, -1]
+    f = torch.nn.functional.normalize(torch.randn(4, 4), dim=-1)
+    # Rows without a proxy add nothing: the term is that of the rows with one.
+    whole = proxies.summed_term((f,), ids, 0.1)
+    assert float(whole.detach()) == pytest.approx(
+        float(proxies.summed_term((f[1:3],), ids[1:3], 0.1).detach())
+    )
+    # Data whose captions are all distinct has no proxies and no term.
+    none = CaptionProxies(["a", "b"], 4)
+    assert (
+        none.weight.shape == (0, 4)
+        and float(none.summed_term((f,), none.ids(["a"] * 4), 0.1).detach()) == 0.0
+    )
 
 
 def test_proxy_term_equals_hand_computation():
-    proxies = CaptionProxies(["x", "y", "z"], 2)
+    proxies = CaptionProxies(["x", "y", "z"], 2, min_pairs=1)
     with torch.no_grad():
         proxies.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]))
     image = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
@@ -116,7 +135,7 @@ def proxy_worker(rank: int, world: int, port: int, queue) -> None:
     try:
         torch.manual_seed(0)
         net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 6))
-        proxies = CaptionProxies(["a", "b", "c", "d"], 6)
+        proxies = CaptionProxies(["a", "b", "c", "d"], 6, min_pairs=1)
         rows = slice(rank * 4, (rank + 1) * 4)
         x = torch.randn(8, 8, generator=torch.Generator().manual_seed(5))
         f = torch.nn.functional.normalize(net(x[rows]), dim=-1)
@@ -139,7 +158,7 @@ def test_proxies_across_two_processes_match_one_process():
     results = run_two_processes(proxy_worker)
     torch.manual_seed(0)
     net = torch.nn.Linear(8, 6)
-    proxies = CaptionProxies(["a", "b", "c", "d"], 6)
+    proxies = CaptionProxies(["a", "b", "c", "d"], 6, min_pairs=1)
     x = torch.randn(8, 8, generator=torch.Generator().manual_seed(5))
     f = torch.nn.functional.normalize(net(x), dim=-1)
     ids = proxies.ids(["a", "b", "a", "c", "d", "d", "b", "a"])
@@ -157,14 +176,19 @@ def test_resume_refuses_proxies_of_other_captions(tmp_path):
 
     rows = shipped_rows(16)
     copy_images(rows, tmp_path / "images")
-    first = write_csv(tmp_path / "a.csv", [(f"images/{a}", c) for a, c in rows])
+    first = write_csv(
+        tmp_path / "a.csv", [(f"images/{a}", f"topic {i % 4}") for i, (a, _) in enumerate(rows)]
+    )
     out = tmp_path / "run"
     settings = ["--set", "train.caption_proxy_weight=1", "--set", "train.checkpoint_every=2"]
     ok(run_cli(*train_args(first, out, *settings, steps=4)))
     step2 = out / "checkpoints" / "step-0000002"
     assert (step2 / "proxies.safetensors").is_file()
     # The same images under other captions, as a changed CSV would give on --resume.
-    other = write_csv(tmp_path / "a.csv", [(f"images/{a}", f"{c} again") for a, c in rows])
+    other = write_csv(
+        tmp_path / "a.csv",
+        [(f"images/{a}", f"topic {i % 4} again") for i, (a, _) in enumerate(rows)],
+    )
     import shutil
 
     shutil.rmtree(out / "checkpoints" / "step-0000004")

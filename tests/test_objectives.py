@@ -395,6 +395,7 @@ def test_two_views_under_torchrun_train(repeated_data, tmp_path):
             ["train.caption_proxy_temperature=0"],
             "train.caption_proxy_temperature: must be in (0, 10]",
         ),
+        (["train.caption_proxy_min_pairs=0"], "train.caption_proxy_min_pairs: must be"),
         (["data.caption_group=0"], "data.caption_group: must be"),
         (["train.image_supcon_weight=-1"], "train.image_supcon_weight: must be in [0, 100]"),
         (

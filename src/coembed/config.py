@@ -169,6 +169,7 @@ class TrainConfig:
     # features are classified among all of them, added to the loss with this weight; 0: off.
     caption_proxy_weight: float = 0.0
     caption_proxy_temperature: float = 0.07
+    caption_proxy_min_pairs: int = 2  # a caption gets a proxy when this many pairs share it
 
 
 @dataclass
@@ -401,6 +402,7 @@ def _bounded_run(cfg: Config) -> list[tuple[str, float, Bounds]]:
             tr.caption_proxy_temperature,
             Bounds(0, 10, lo_open=True),
         ),
+        ("train.caption_proxy_min_pairs", tr.caption_proxy_min_pairs, Bounds(1, 1 << 30)),
         ("data.caption_group", d.caption_group, Bounds(1, 1 << 16, why=LIMIT_WHY)),
         ("data.max_cache_gb", d.max_cache_gb, NOT_NEGATIVE),
         ("data.workers", d.workers, Bounds(0, 1024)),
