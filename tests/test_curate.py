@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from tests.helpers import (
+    CONTRASTIVE_ONLY,
     TINY_SET,
     assert_one_line_error,
     ok,
@@ -671,6 +672,7 @@ def trained(tmp_path_factory) -> Path:
         "train.steps=300",
         "train.lr=2e-3",
         "train.warmup_steps=20",
+        *CONTRASTIVE_ONLY,  # the contrastive pair alone, which the thresholds here were set on
     )
     coembed.train(config, root / "train.csv", root / "model", device="cpu")
     return root / "model"

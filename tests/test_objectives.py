@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -388,8 +389,11 @@ def test_two_views_under_torchrun_train(repeated_data, tmp_path):
         (["train.simclr_weight=1", "train.accum_steps=2"], "use train.accum_steps=1"),
         (["data.random_conv_p=2"], "data.random_conv_p: must be in [0, 1], got 2"),
         (["data.augment=false", "data.random_conv_p=0.5"], "needs data.augment=true"),
-        (["data.caption_group=2"], "add train.soft_targets=true"),
-        (["train.image_supcon_weight=0.5"], "add train.soft_targets=true"),
+        (["train.soft_targets=false", "data.caption_group=2"], "add train.soft_targets=true"),
+        (
+            ["train.soft_targets=false", "data.caption_group=1", "train.image_supcon_weight=0.5"],
+            "or train.image_supcon_weight=0",
+        ),
         (["train.caption_proxy_weight=-1"], "train.caption_proxy_weight: must be in [0, 100]"),
         (
             ["train.caption_proxy_temperature=0"],
@@ -880,7 +884,8 @@ def nt_xent_worker(rank: int, world: int, port: int, queue) -> None:
         loss = nt_xent_of(head, first[rows], second[rows])
         loss.backward()
         # The head is outside DDP: the run averages its gradients itself.
-        average_head_gradients(type("Run", (), {"view_head": head, "dist": Dist(rank, world)}))
+        run = SimpleNamespace(view_head=head, dist=Dist(rank, world), heads=lambda: [head])
+        average_head_gradients(run)
         total = loss.detach().clone()
         dist.all_reduce(total)
         queue.put((rank, float(total) / world, [p.grad.numpy().copy() for p in head.parameters()]))

@@ -14,12 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.helpers import CLIP_TOKENIZER, metrics, ok, tiny_dataset, train_args, weights
+from tests.helpers import (
+    CLIP_TOKENIZER,
+    assert_nothing_half_written,
+    metrics,
+    ok,
+    tiny_dataset,
+    train_args,
+    weights,
+)
 
 STEPS = 40  # 32 pairs in batches of 8: 4 per epoch, so resumes land mid-epoch and on boundaries
-CHECKPOINT_FILES = {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
 
 
 def command(data: Path, out: Path, *extra: str) -> list[str]:
@@ -54,20 +60,6 @@ def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float =
         assert proc.poll() is None, f"run ended before step {step}: {proc.communicate()}"
         assert time.monotonic() < deadline, f"no step {step} within {timeout} s"
         time.sleep(0.02)
-
-
-def assert_nothing_half_written(out: Path) -> None:
-    """The model at the top loads or is absent; every checkpoints/step-* folder is whole."""
-    from coembed.checkpoint import load_model_dir
-
-    if (out / "config.json").exists():
-        load_model_dir(out)
-    for folder in (out / "checkpoints").glob("step-*") if (out / "checkpoints").exists() else []:
-        assert {p.name for p in folder.iterdir()} == CHECKPOINT_FILES, folder
-        state = json.loads((folder / "state.json").read_text())
-        assert folder.name == f"step-{state['step']:07d}"
-        for name in CHECKPOINT_FILES - {"state.json"}:
-            load_file(str(folder / name))
 
 
 @pytest.mark.slow

@@ -526,9 +526,10 @@ def _check_caption_matches(cfg: Config) -> None:
         if value
     ]
     if on and not cfg.train.soft_targets:
+        off = " and ".join(f"{name}={1 if name == 'data.caption_group' else 0}" for name in on)
         raise ConfigError(
-            f"{' and '.join(on)} put(s) pairs with one caption together, which without soft "
-            "targets are each other's negatives: add train.soft_targets=true"
+            f"{' and '.join(on)} work on pairs of a batch with one caption, which without soft "
+            f"targets are each other's negatives: add train.soft_targets=true, or {off}"
         )
 
 
