@@ -604,3 +604,27 @@ def run_two_processes(worker, *args, timeout: float = 120) -> list:
         p.join(timeout=60)
         assert p.exitcode == 0
     return results
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """This process as ``rank`` of a gloo group of ``world`` on localhost:``port``, for the block."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def losses_on_a_fixed_batch(
+    run, captions: list[str], steps: int = 30, image_ids=None
+) -> list[float]:
+    """The losses of ``steps`` train_steps of ``run`` on one seeded batch of random images."""
+    from coembed.training.step import train_step
+
+    run.total_steps = steps
+    images = torch.randn(len(captions), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return [train_step(run, images, captions, image_ids)[0] for _ in range(steps)]

@@ -7,7 +7,6 @@ their resume is in test_objectives."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -16,7 +15,13 @@ import torch.distributed as dist
 
 from coembed.data.loader import caption_runs
 from coembed.loss import ClipLoss, image_supcon, positive_pairs
-from tests.helpers import TINY, run_two_processes, tiny_train_run
+from tests.helpers import (
+    TINY,
+    gloo_group,
+    losses_on_a_fixed_batch,
+    run_two_processes,
+    tiny_train_run,
+)
 
 # --- caption runs ----------------------------------------------------------------------------------
 
@@ -154,14 +159,10 @@ def test_image_supcon_through_accumulation_equals_one_batch():
 
 
 def test_image_supcon_and_caption_runs_loss_falls_on_a_tiny_set():
-    from coembed.training.step import train_step
-
     captions = [f"a picture of {('red', 'blue', 'green')[i % 3]} things" for i in range(8)]
     settings = [*TINY, "train.warmup_steps=0", "train.soft_targets=true"]
     run = tiny_train_run(captions, [*settings, "train.image_supcon_weight=1"])
-    run.total_steps = 30
-    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    losses = [train_step(run, images, captions, torch.arange(8))[0] for _ in range(30)]
+    losses = losses_on_a_fixed_batch(run, captions, image_ids=torch.arange(8))
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -170,9 +171,7 @@ GLOBAL_CAPTIONS = torch.tensor([[1, 4], [1, 5], [1, 4], [1, 6], [1, 7], [1, 5], 
 
 
 def supcon_worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)
         net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 6).double())
         rows = slice(rank * 4, (rank + 1) * 4)
@@ -183,8 +182,6 @@ def supcon_worker(rank: int, world: int, port: int, queue) -> None:
         total = loss.detach().clone()
         dist.all_reduce(total)
         queue.put((rank, float(total) / world, [p.grad.numpy().copy() for p in net.parameters()]))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_image_supcon_across_two_processes_matches_one_process():

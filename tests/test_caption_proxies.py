@@ -6,15 +6,22 @@ set, and resumed only on the same captions (bitwise resume: test_objectives)."""
 from __future__ import annotations
 
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from coembed.training.proxies import CaptionProxies
-from tests.helpers import TINY, ok, run_cli, run_two_processes, tiny_train_run, train_args
+from tests.helpers import (
+    TINY,
+    gloo_group,
+    losses_on_a_fixed_batch,
+    ok,
+    run_cli,
+    run_two_processes,
+    tiny_train_run,
+    train_args,
+)
 
 CAPTIONS = [f"a picture of {('red', 'blue', 'green')[i % 3]} things" for i in range(8)]
 
@@ -118,21 +125,14 @@ def test_proxies_through_accumulation_equal_one_batch():
 
 
 def test_proxies_loss_falls_on_a_tiny_set():
-    from coembed.training.step import train_step
-
-    run = one_run(["train.warmup_steps=0"])
-    run.total_steps = 30
-    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    losses = [train_step(run, images, CAPTIONS)[0] for _ in range(30)]
+    losses = losses_on_a_fixed_batch(one_run(["train.warmup_steps=0"]), CAPTIONS)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
 def proxy_worker(rank: int, world: int, port: int, queue) -> None:
     from coembed.training.views import average_head_gradients
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)
         net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 6))
         proxies = CaptionProxies(["a", "b", "c", "d"], 6, min_pairs=1)
@@ -150,8 +150,6 @@ def proxy_worker(rank: int, world: int, port: int, queue) -> None:
                 proxies.weight.grad.numpy().copy(),
             )
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_proxies_across_two_processes_match_one_process():
