@@ -231,10 +231,19 @@ class WithImageSupCon(nn.Module):
         super().__init__()
         self.loss, self.weight, self.temperature = loss, weight, temperature
 
-    def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        positives: torch.Tensor | None = None,
+        memory: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
         """The wrapped loss of the same arguments, plus the weighted image term."""
-        term = image_supcon(image_features, kwargs.get("positives"), self.temperature)
-        return self.loss(image_features, *args, **kwargs) + self.weight * term
+        term = image_supcon(image_features, positives, self.temperature)
+        pair = self.loss(image_features, text_features, logit_scale, logit_bias, positives, memory)
+        return pair + self.weight * term
 
 
 def make_loss(
