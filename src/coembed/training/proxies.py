@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +31,6 @@ from torch import nn
 
 from coembed.config import Config
 from coembed.errors import DataError
-
-if TYPE_CHECKING:
-    from coembed.training.run import TrainRun
 
 # Proxies cost C x D floats, and Adam keeps two more of each.
 MAX_PROXIES = 1_000_000
@@ -106,20 +102,3 @@ def proxies_for(
     proxies = proxies.to(device)
     optimizer.add_param_group({"params": [proxies.weight], "weight_decay": 0.0})
     return proxies
-
-
-def proxy_term(
-    run: TrainRun,
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    caption_ids: torch.Tensor,
-    rows: int,
-) -> torch.Tensor:
-    """``train.caption_proxy_weight`` x the proxies' term of these pairs, summed over them and
-    divided by ``rows``, the pairs of the whole batch on this process (so micro-batches add up
-    to the batch's mean)."""
-    train = run.cfg.train
-    ids = caption_ids.to(image_features.device)
-    features = (image_features.float(), text_features.float())
-    summed = run.proxies.summed_term(features, ids, train.caption_proxy_temperature)
-    return train.caption_proxy_weight * summed / rows

@@ -17,7 +17,6 @@ from coembed.device import autocast_dtype
 from coembed.loss import positive_pairs
 from coembed.towers.layers import buffers_restored
 from coembed.training.optim import learning_rate
-from coembed.training.proxies import proxy_term
 from coembed.training.run import TrainingDiverged, TrainRun
 from coembed.training.state import last_good
 from coembed.training.views import average_head_gradients, two_view_loss, two_views
@@ -59,6 +58,23 @@ def mlm_term(
     terms add up to the batch's mean)."""
     summed = F.cross_entropy(logits.float(), tokens[hidden], reduction="sum")
     return run.cfg.train.mlm_weight * summed / max(count, 1)
+
+
+def proxy_term(
+    run: TrainRun,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    caption_ids: torch.Tensor,
+    rows: int,
+) -> torch.Tensor:
+    """``train.caption_proxy_weight`` x the proxies' term of these pairs, summed over them and
+    divided by ``rows``, the pairs of the whole batch on this process (so micro-batches add up
+    to the batch's mean)."""
+    train = run.cfg.train
+    ids = caption_ids.to(image_features.device)
+    features = (image_features.float(), text_features.float())
+    summed = run.proxies.summed_term(features, ids, train.caption_proxy_temperature)
+    return train.caption_proxy_weight * summed / rows
 
 
 def forward_loss(
