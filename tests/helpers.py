@@ -608,13 +608,18 @@ def run_two_processes(worker, *args, timeout: float = 120) -> list:
 
 @contextlib.contextmanager
 def gloo_group(rank: int, world: int, port: int):
-    """This process as ``rank`` of a gloo group of ``world`` on localhost:``port``, for the block."""
+    """This process as ``rank`` of a gloo group of ``world`` on localhost:``port``, for the block.
+
+    After the block every rank waits for the others before leaving the group, as the trainer
+    does: a rank that tears its connections down while its peer still uses them can make gloo's
+    background thread abort the peer ("terminate called without an active exception")."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         yield
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

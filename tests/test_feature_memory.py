@@ -5,15 +5,13 @@ the bad values. (Resumed bitwise with the memory on: test_objectives's resume te
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from coembed.loss import ClipLoss
 from coembed.training.memory import FeatureMemory, caption_keys
-from tests.helpers import TINY, run_two_processes, tiny_train_run
+from tests.helpers import TINY, gloo_group, run_two_processes, tiny_train_run
 
 # Two pairs in the batch, three remembered; the second remembered caption is the first row's.
 IMAGES = [[1.0, 0.0], [0.0, 1.0]]
@@ -226,9 +224,7 @@ def test_loss_falls_on_a_tiny_set_with_the_memory():
 
 def memory_worker(rank: int, world: int, port: int, queue) -> None:
     """Each rank stages its half of a global batch of 6; both memories must hold all 6."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         memory = FeatureMemory(8, 2, torch.device("cpu"))
         features = torch.arange(12.0).reshape(6, 2)
         tokens = torch.arange(12).reshape(6, 2)
@@ -239,8 +235,6 @@ def memory_worker(rank: int, world: int, port: int, queue) -> None:
         _, _, blocked = memory.columns(tokens[rows])
         ids = memory.image_ids.tolist()
         queue.put((rank, memory.images.tolist(), memory.filled, blocked.tolist(), ids))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_every_process_remembers_the_global_batch():

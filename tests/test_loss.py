@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from coembed.loss import ClipLoss, SigLipLoss
-from tests.helpers import run_two_processes
+from tests.helpers import gloo_group, run_two_processes
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 
@@ -76,9 +74,7 @@ def single_process_reference(kind: str):
 
 
 def worker(rank: int, world: int, port: int, kind: str, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         net = torch.nn.parallel.DistributedDataParallel(make_net())
         x_img, x_txt = batch()
         local = slice(rank * 4, (rank + 1) * 4)
@@ -102,8 +98,6 @@ def worker(rank: int, world: int, port: int, kind: str, queue) -> None:
         # Plain arrays, not tensors: tensors travel as shared-memory handles that die with the worker.
         grads = [p.grad.numpy().copy() for p in net.parameters()]
         queue.put((rank, float(total) / world, float(loss.detach()), reference, grads))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])

@@ -23,6 +23,7 @@ from coembed.loss import ClipLoss, SigLipLoss, positive_pairs
 from tests.helpers import (
     CLIP_TOKENIZER,
     TINY,
+    gloo_group,
     metrics,
     ok,
     run_cli,
@@ -276,9 +277,7 @@ def ddp_features(net: torch.nn.Module, rows: slice) -> tuple[torch.Tensor, torch
 
 
 def ddp_worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)
         net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 6).double())
         rows = slice(rank * 4, (rank + 1) * 4)
@@ -290,8 +289,6 @@ def ddp_worker(rank: int, world: int, port: int, queue) -> None:
         dist.all_reduce(total)
         grads = [p.grad.numpy().copy() for p in net.parameters()]
         queue.put((rank, float(total) / world, positives.numpy().copy(), grads))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_soft_targets_across_two_processes_match_one_process():
@@ -876,9 +873,7 @@ def nt_xent_worker(rank: int, world: int, port: int, queue) -> None:
     from coembed.training.run import Dist
     from coembed.training.views import average_head_gradients
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         head, (first, second) = nt_xent_case()
         rows = slice(rank * 4, (rank + 1) * 4)
         loss = nt_xent_of(head, first[rows], second[rows])
@@ -889,8 +884,6 @@ def nt_xent_worker(rank: int, world: int, port: int, queue) -> None:
         total = loss.detach().clone()
         dist.all_reduce(total)
         queue.put((rank, float(total) / world, [p.grad.numpy().copy() for p in head.parameters()]))
-    finally:
-        dist.destroy_process_group()
 
 
 def nt_xent_case() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
