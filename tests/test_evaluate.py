@@ -13,13 +13,15 @@ import torch
 from coembed.errors import UsageError
 from coembed.evaluate import (
     DEFAULT_TEMPLATES,
+    caption_ids_of,
+    evaluate_retrieval,
     format_zeroshot,
     read_templates,
     retrieval_metrics,
     zeroshot_classifier,
     zeroshot_scores,
 )
-from tests.helpers import SHIPPED
+from tests.helpers import SHIPPED, copy_images, shipped_rows, write_csv
 
 KEYS = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
 
@@ -141,6 +143,83 @@ def test_matches_open_clip_get_clip_metrics():
         [float(theirs[k]) for k in KEYS + ranks]
     )
     assert ours["text_to_image_mean_rank"] > 1  # the noise leaves something to get wrong
+
+
+def brute_force_by_caption(image_emb, text_emb, text_to_image, captions, k=1) -> tuple:
+    """Recall@k both ways when captions of one text are one caption, written plainly: an
+    image's targets are every row of its captions' texts, a caption's every image that has it."""
+    scores = image_emb @ text_emb.T
+    texts_of = {}
+    for t, c in enumerate(captions):
+        texts_of.setdefault(c, set()).add(t)
+    i2t_hits, t2i_hits = [], []
+    for i in range(len(image_emb)):
+        own = set().union(*(texts_of[captions[t]] for t in np.flatnonzero(text_to_image == i)))
+        if own:
+            i2t_hits.append(any(t in own for t in np.argsort(-scores[i])[:k]))
+    for t in range(len(text_emb)):
+        targets = {int(text_to_image[u]) for u in texts_of[captions[t]]}
+        t2i_hits.append(any(i in targets for i in np.argsort(-scores[:, t])[:k]))
+    return float(np.mean(i2t_hits)), float(np.mean(t2i_hits))
+
+
+def test_captions_of_one_text_are_one_caption():
+    """Four pictures, two of "cat" and two of "dog", by a model that knows cats from dogs and
+    nothing more: every cat picture and both "cat" rows embed to one point. Counted by row, no
+    picture could find its own "cat" row ahead of the other (a tie) and half the captions
+    would miss; as one caption per text, everything is found."""
+    cat, dog = [1.0, 0.0], [0.0, 1.0]
+    images = np.array([cat, cat, dog, dog], np.float32)
+    texts = images.copy()
+    captions = ["cat", "cat", "dog", "dog"]
+    by_row = retrieval_metrics(images, texts, np.arange(4), ks=(1, 2))
+    assert by_row["image_to_text_R@1"] == 0.0 and by_row["image_to_text_R@2"] == 1.0
+    assert by_row["text_to_image_R@1"] == 0.0
+    ids = caption_ids_of(captions)
+    assert ids.tolist() == [0, 0, 1, 1]
+    m = retrieval_metrics(images, texts, np.arange(4), ks=(1, 2), caption_ids=ids)
+    assert m["image_to_text_R@1"] == 1.0 and m["text_to_image_R@1"] == 1.0
+    assert m["image_to_text_mean_rank"] == 1.0 and m["text_to_image_mean_rank"] == 1.0
+    # Ties with pictures of other captions still count against the model.
+    same = np.ones((4, 2), np.float32)
+    collapsed = retrieval_metrics(same, same, np.arange(4), ks=(1, 2), caption_ids=ids)
+    assert collapsed["image_to_text_R@1"] == 0.0 and collapsed["text_to_image_R@2"] == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_repeated_captions_match_brute_force(seed):
+    """Random embeddings, 1-3 captions per image drawn from 25 texts (most repeat)."""
+    rng = np.random.default_rng(seed)
+    n_img, dim = 50, 12
+    images = unit(rng.normal(size=(n_img, dim)))
+    t2i = np.concatenate([np.arange(n_img), rng.integers(0, n_img, 40)])
+    vocabulary = [f"thing {i}" for i in range(25)]
+    captions = [vocabulary[i] for i in rng.integers(0, 25, len(t2i))]
+    word = {w: unit(rng.normal(size=dim)) for w in vocabulary}
+    texts = unit(np.stack([word[c] for c in captions]) + 0.5 * images[t2i])
+    got = retrieval_metrics(images, texts, t2i, ks=(1, 5), caption_ids=caption_ids_of(captions))
+    for k in (1, 5):
+        want = brute_force_by_caption(images, texts, t2i, captions, k)
+        assert (got[f"image_to_text_R@{k}"], got[f"text_to_image_R@{k}"]) == pytest.approx(want)
+    assert 0 < got["text_to_image_R@1"] < 1  # the noise leaves something to get wrong
+
+
+def test_eval_counts_repeated_captions(tmp_path, tiny_model_dir):
+    """A dataset whose six pictures share three captions: ``evaluate_retrieval`` says how many
+    rows repeat a caption and scores them as one caption each."""
+    import coembed
+
+    rows = shipped_rows(6)
+    copy_images(rows, tmp_path / "images")
+    names = ["a red thing", "a red thing", "a blue thing", "a blue thing", "a dot", "a square"]
+    data = write_csv(tmp_path / "pairs.csv", [(f"images/{n}", c) for (n, _), c in zip(rows, names)])
+    got = evaluate_retrieval(tiny_model_dir, data, device="cpu")
+    assert got["repeated_captions"] == 4 and got["captions"] == 6
+    model = coembed.load(tiny_model_dir, device="cpu")
+    images = model.embed_images([tmp_path / "images" / n for n, _ in rows])
+    texts = model.embed_texts(names)
+    want = retrieval_metrics(images, texts, np.arange(6), caption_ids=caption_ids_of(names))
+    assert [got[k] for k in KEYS] == pytest.approx([want[k] for k in KEYS], abs=1e-6)
 
 
 def test_rejects_mismatched_shapes():

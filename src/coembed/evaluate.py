@@ -5,7 +5,14 @@ Retrieval (``retrieval_metrics``) handles several captions per image, as in COCO
 - image -> text: an image scores a hit at K when *any* of its captions is among the K best texts;
 - text -> image: each caption has one target, the image it describes.
 
-Ties count against the model: an item is ranked behind every other item with an equal or
+Captions of the same text are one caption: no model can tell them apart (they embed to one
+point), so where several pictures share a caption ("a cat", an icon's name), an image's targets
+are all rows of its captions' texts and a caption's targets are all images that have it.
+Without repeated captions this is the rule above; with them it is the only one under which a
+perfect model scores 1 (open_clip's index-based metric scores a repeated caption's other rows
+as misses).
+
+Ties count against the model: an item is ranked behind every non-target item with an equal or
 higher score, so a model that maps everything to one point scores zero, not one.
 
 Zero-shot classification (``zeroshot``) reads a folder with one sub-folder of images per
@@ -67,20 +74,48 @@ def _check_shapes(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np
         raise ValueError("text_to_image holds an index outside [0, N_img)")
 
 
+def caption_ids_of(captions: Sequence[str]) -> np.ndarray:
+    """(N,) int64: for each caption an id that every caption of the same text shares."""
+    if not len(captions):
+        return np.zeros(0, np.int64)
+    return np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)[1]
+
+
+def _dense_ids(caption_ids: np.ndarray | None, n_texts: int) -> np.ndarray:
+    if caption_ids is None:
+        return np.arange(n_texts, dtype=np.int64)
+    caption_ids = np.asarray(caption_ids)
+    if caption_ids.shape != (n_texts,):
+        raise ValueError(
+            f"caption_ids must have one entry per text ({n_texts}), got {caption_ids.shape}"
+        )
+    return np.unique(caption_ids, return_inverse=True)[1].astype(np.int64)
+
+
 def image_to_text_ranks(
-    image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_to_image: np.ndarray,
+    caption_ids: np.ndarray | None = None,
 ) -> np.ndarray:
-    """For each image with captions, the 0-based rank of its best caption among all texts.
+    """For each image with captions, the 0-based rank of its best caption among all texts
+    (texts of the same ``caption_ids`` as one of its captions are its captions too).
 
     Returns an (N_img_with_captions,) int array; images without captions are left out.
     """
+    ids_of_text = _dense_ids(caption_ids, len(text_emb))
+    n_ids = int(ids_of_text.max()) + 1 if len(ids_of_text) else 0
     has_caption = np.zeros(len(image_emb), bool)
     has_caption[text_to_image] = True
     ranks = []
     for start in range(0, len(image_emb), _BLOCK):
-        ids = np.arange(start, min(start + _BLOCK, len(image_emb)))
-        scores = image_emb[ids] @ text_emb.T  # (b, N_txt)
-        own = text_to_image[None, :] == ids[:, None]  # (b, N_txt): caption belongs to the image
+        stop = min(start + _BLOCK, len(image_emb))
+        scores = image_emb[start:stop] @ text_emb.T  # (b, N_txt)
+        # Which caption texts each image of the block has, then every row of those texts.
+        has = np.zeros((stop - start, n_ids), bool)  # (b, n_ids)
+        mine = (text_to_image >= start) & (text_to_image < stop)
+        has[text_to_image[mine] - start, ids_of_text[mine]] = True
+        own = has[:, ids_of_text]  # (b, N_txt): the text is one of the image's captions
         best_own = np.where(own, scores, -np.inf).max(axis=1)  # (b,)
         # Other images' captions scoring at least as well as the best own caption rank ahead.
         ranks.append(((scores >= best_own[:, None]) & ~own).sum(axis=1))
@@ -88,16 +123,30 @@ def image_to_text_ranks(
 
 
 def text_to_image_ranks(
-    image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_to_image: np.ndarray,
+    caption_ids: np.ndarray | None = None,
 ) -> np.ndarray:
-    """For each text, the 0-based rank of its image among all images: an (N_txt,) int array."""
+    """For each text, the 0-based rank of its best image among all images (every image with a
+    caption of the text's ``caption_ids`` is its image): an (N_txt,) int array."""
+    ids_of_text = _dense_ids(caption_ids, len(text_emb))
+    column = np.full(int(ids_of_text.max()) + 1 if len(ids_of_text) else 0, -1, np.int64)
     ranks = []
     for start in range(0, len(text_emb), _BLOCK):
         ids = np.arange(start, min(start + _BLOCK, len(text_emb)))
         scores = text_emb[ids] @ image_emb.T  # (b, N_img)
-        target = scores[np.arange(len(ids)), text_to_image[ids]]  # (b,)
-        # The target itself always satisfies >=; every other image that does ranks ahead.
-        ranks.append((scores >= target[:, None]).sum(axis=1) - 1)
+        # The images of each caption text in the block, one row per distinct text.
+        block_ids = np.unique(ids_of_text[ids])
+        column[block_ids] = np.arange(len(block_ids))
+        of_block = column[ids_of_text] >= 0  # (N_txt,): texts of a caption in the block
+        images_of = np.zeros((len(block_ids), len(image_emb)), bool)
+        images_of[column[ids_of_text[of_block]], text_to_image[of_block]] = True
+        target = images_of[column[ids_of_text[ids]]]  # (b, N_img)
+        column[block_ids] = -1
+        best = np.where(target, scores, -np.inf).max(axis=1)  # (b,)
+        # Every other image scoring at least as well as the best target ranks ahead.
+        ranks.append(((scores >= best[:, None]) & ~target).sum(axis=1))
     return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 
@@ -116,8 +165,11 @@ def retrieval_metrics(
     text_emb: np.ndarray,
     text_to_image: np.ndarray,
     ks: Sequence[int] = (1, 5, 10),
+    caption_ids: np.ndarray | None = None,
 ) -> dict[str, float | int]:
-    """Recall@K both ways for unit-row embeddings; ``text_to_image[t]`` is caption t's image.
+    """Recall@K both ways for unit-row embeddings; ``text_to_image[t]`` is caption t's image
+    and ``caption_ids[t]`` (``caption_ids_of(captions)``) says which texts are the same caption
+    (by default none are).
 
     Returns ``{"image_to_text_R@K": float, "image_to_text_median_rank": float,
     "image_to_text_mean_rank": float, the same for "text_to_image", "images": int,
@@ -130,8 +182,8 @@ def retrieval_metrics(
     _check_shapes(image_emb, text_emb, text_to_image)
     if len(text_emb) == 0:
         raise DataError("nothing to evaluate: no captions with a readable image")
-    i2t = image_to_text_ranks(image_emb, text_emb, text_to_image)
-    t2i = text_to_image_ranks(image_emb, text_emb, text_to_image)
+    i2t = image_to_text_ranks(image_emb, text_emb, text_to_image, caption_ids)
+    t2i = text_to_image_ranks(image_emb, text_emb, text_to_image, caption_ids)
     metrics: dict[str, float | int] = {}
     for direction, ranks in (("image_to_text", i2t), ("text_to_image", t2i)):
         for k in ks:
@@ -171,7 +223,8 @@ def evaluate_retrieval(
 
     Images that fail to decode are skipped with their captions and counted in
     ``skipped_images``; captions cut to the length limit in ``long_captions_truncated``, empty
-    ones (skipped) in ``empty_captions``.
+    ones (skipped) in ``empty_captions``. Captions of the same text are one caption (module
+    docstring); ``repeated_captions`` counts the rows whose text another row has too.
     """
     from coembed.data.formats import read_records
     from coembed.embedder import as_embedder
@@ -192,7 +245,12 @@ def evaluate_retrieval(
         captions.extend(records[record_id].captions)
         text_to_image.extend([row] * len(records[record_id].captions))
     text_emb = embedder.embed_texts(captions)
-    metrics = retrieval_metrics(image_emb, text_emb, np.asarray(text_to_image, np.int64))
+    caption_ids = caption_ids_of(captions)
+    metrics = retrieval_metrics(
+        image_emb, text_emb, np.asarray(text_to_image, np.int64), caption_ids=caption_ids
+    )
+    # Rows whose caption text another row has too (each is a target of the other's image).
+    metrics["repeated_captions"] = int((np.bincount(caption_ids)[caption_ids] > 1).sum())
     metrics["skipped_images"] = len(failures)
     # Captions the reader changed or dropped: a cut caption is scored as cut.
     metrics["long_captions_truncated"] = report.long_captions_truncated

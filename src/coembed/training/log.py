@@ -71,7 +71,7 @@ class Logger:
 def validate_run(run: TrainRun) -> dict[str, float]:
     """Retrieval recall@1/5/10 and ranks both ways on the validation set, with the current
     weights (their moving average when the run keeps one)."""
-    from coembed.evaluate import retrieval_metrics
+    from coembed.evaluate import caption_ids_of, retrieval_metrics
 
     model = run.evaluated_model
     training = model.training  # the moving average stays in eval mode
@@ -89,7 +89,10 @@ def validate_run(run: TrainRun) -> dict[str, float]:
         texts.append(model.encode_text(tokens).float().cpu())
     model.train(training)
     return retrieval_metrics(
-        torch.cat(images).numpy(), torch.cat(texts).numpy(), run.val.text_to_image
+        torch.cat(images).numpy(),
+        torch.cat(texts).numpy(),
+        run.val.text_to_image,
+        caption_ids=caption_ids_of(run.val.captions),
     )
 
 
