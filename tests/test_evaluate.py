@@ -146,17 +146,20 @@ def test_matches_open_clip_get_clip_metrics():
 
 
 def brute_force_by_caption(image_emb, text_emb, text_to_image, captions, k=1) -> tuple:
-    """Recall@k both ways when captions of one text are one caption, written plainly: an
-    image's targets are every row of its captions' texts, a caption's every image that has it."""
+    """Recall@k both ways when captions of one text are one caption, written plainly: an image
+    ranks the caption texts, a caption's targets are every image that has it."""
     scores = image_emb @ text_emb.T
     texts_of = {}
     for t, c in enumerate(captions):
         texts_of.setdefault(c, set()).add(t)
+    names = sorted(texts_of)
     i2t_hits, t2i_hits = [], []
     for i in range(len(image_emb)):
-        own = set().union(*(texts_of[captions[t]] for t in np.flatnonzero(text_to_image == i)))
+        own = {captions[t] for t in np.flatnonzero(text_to_image == i)}
         if own:
-            i2t_hits.append(any(t in own for t in np.argsort(-scores[i])[:k]))
+            # Each caption text once, scored by its best row.
+            best = [max(scores[i, t] for t in texts_of[c]) for c in names]
+            i2t_hits.append(any(names[c] in own for c in np.argsort(best)[::-1][:k]))
     for t in range(len(text_emb)):
         targets = {int(text_to_image[u]) for u in texts_of[captions[t]]}
         t2i_hits.append(any(i in targets for i in np.argsort(-scores[:, t])[:k]))

@@ -6,11 +6,11 @@ Retrieval (``retrieval_metrics``) handles several captions per image, as in COCO
 - text -> image: each caption has one target, the image it describes.
 
 Captions of the same text are one caption: no model can tell them apart (they embed to one
-point), so where several pictures share a caption ("a cat", an icon's name), an image's targets
-are all rows of its captions' texts and a caption's targets are all images that have it.
-Without repeated captions this is the rule above; with them it is the only one under which a
-perfect model scores 1 (open_clip's index-based metric scores a repeated caption's other rows
-as misses).
+point). Where several pictures share a caption ("a cat", an icon's name), an image ranks each
+caption text once and finds its caption when that text comes first, and a caption's targets are
+all images that have it. Without repeated captions this is the rule above; with them it is the
+one under which a perfect model scores 1 (open_clip's index-based metric counts a repeated
+caption's other rows as misses, and 40 rows of "a dog" as 40 competitors).
 
 Ties count against the model: an item is ranked behind every non-target item with an equal or
 higher score, so a model that maps everything to one point scores zero, not one.
@@ -98,26 +98,29 @@ def image_to_text_ranks(
     text_to_image: np.ndarray,
     caption_ids: np.ndarray | None = None,
 ) -> np.ndarray:
-    """For each image with captions, the 0-based rank of its best caption among all texts
-    (texts of the same ``caption_ids`` as one of its captions are its captions too).
+    """For each image with captions, the 0-based rank of its best caption among all captions,
+    a caption being all texts of one ``caption_ids`` (scored by its best row).
 
     Returns an (N_img_with_captions,) int array; images without captions are left out.
     """
     ids_of_text = _dense_ids(caption_ids, len(text_emb))
     n_ids = int(ids_of_text.max()) + 1 if len(ids_of_text) else 0
+    # Texts sorted by caption, and where each caption's rows start: one column per caption.
+    order = np.argsort(ids_of_text, kind="stable")
+    starts = np.searchsorted(ids_of_text[order], np.arange(n_ids))
     has_caption = np.zeros(len(image_emb), bool)
     has_caption[text_to_image] = True
     ranks = []
     for start in range(0, len(image_emb), _BLOCK):
         stop = min(start + _BLOCK, len(image_emb))
-        scores = image_emb[start:stop] @ text_emb.T  # (b, N_txt)
-        # Which caption texts each image of the block has, then every row of those texts.
-        has = np.zeros((stop - start, n_ids), bool)  # (b, n_ids)
+        scores = image_emb[start:stop] @ text_emb[order].T  # (b, N_txt), rows by caption
+        if n_ids < len(text_emb):
+            scores = np.maximum.reduceat(scores, starts, axis=1)  # (b, n_ids)
+        own = np.zeros((stop - start, n_ids), bool)  # (b, n_ids): the image's captions
         mine = (text_to_image >= start) & (text_to_image < stop)
-        has[text_to_image[mine] - start, ids_of_text[mine]] = True
-        own = has[:, ids_of_text]  # (b, N_txt): the text is one of the image's captions
+        own[text_to_image[mine] - start, ids_of_text[mine]] = True
         best_own = np.where(own, scores, -np.inf).max(axis=1)  # (b,)
-        # Other images' captions scoring at least as well as the best own caption rank ahead.
+        # Other captions scoring at least as well as the best own caption rank ahead.
         ranks.append(((scores >= best_own[:, None]) & ~own).sum(axis=1))
     return np.concatenate(ranks)[has_caption] if ranks else np.zeros(0, np.int64)
 
