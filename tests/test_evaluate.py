@@ -115,12 +115,18 @@ def test_ties_count_against_the_model():
     assert m["image_to_text_R@4"] == 1.0 and m["text_to_image_R@4"] == 1.0
 
 
+def random_images(seed: int, n_img: int, dim: int, extra: int):
+    """A seeded generator, (n_img, dim) unit images and the image of each of n_img + extra
+    captions (every image one, ``extra`` more at random)."""
+    rng = np.random.default_rng(seed)
+    images = unit(rng.normal(size=(n_img, dim)))
+    return rng, images, np.concatenate([np.arange(n_img), rng.integers(0, n_img, extra)])
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_brute_force_with_several_captions_per_image(seed):
-    rng = np.random.default_rng(seed)
-    n_img, dim = 60, 16
-    images = unit(rng.normal(size=(n_img, dim)))
-    t2i = np.concatenate([np.arange(n_img), rng.integers(0, n_img, 90)])  # 1 to ~5 captions each
+    rng, images, t2i = random_images(seed, 60, 16, 90)  # 1 to ~5 captions each
+    dim = images.shape[1]
     texts = unit(images[t2i] + rng.normal(scale=1.2, size=(len(t2i), dim)))
     got = retrieval_metrics(images, texts, t2i)
     want = brute_force(images, texts, t2i)
@@ -192,10 +198,8 @@ def test_captions_of_one_text_are_one_caption():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_repeated_captions_match_brute_force(seed):
     """Random embeddings, 1-3 captions per image drawn from 25 texts (most repeat)."""
-    rng = np.random.default_rng(seed)
-    n_img, dim = 50, 12
-    images = unit(rng.normal(size=(n_img, dim)))
-    t2i = np.concatenate([np.arange(n_img), rng.integers(0, n_img, 40)])
+    rng, images, t2i = random_images(seed, 50, 12, 40)
+    dim = images.shape[1]
     vocabulary = [f"thing {i}" for i in range(25)]
     captions = [vocabulary[i] for i in rng.integers(0, 25, len(t2i))]
     word = {w: unit(rng.normal(size=dim)) for w in vocabulary}
