@@ -108,12 +108,13 @@ def image_to_text_ranks(
     # Texts sorted by caption, and where each caption's rows start: one column per caption.
     order = np.argsort(ids_of_text, kind="stable")
     starts = np.searchsorted(ids_of_text[order], np.arange(n_ids))
+    texts_by_caption = text_emb[order].T  # (D, N_txt): the texts in caption-id order
     has_caption = np.zeros(len(image_emb), bool)
     has_caption[text_to_image] = True
     ranks = []
     for start in range(0, len(image_emb), _BLOCK):
         stop = min(start + _BLOCK, len(image_emb))
-        scores = image_emb[start:stop] @ text_emb[order].T  # (b, N_txt), rows by caption
+        scores = image_emb[start:stop] @ texts_by_caption  # (b, N_txt), columns by caption
         if n_ids < len(text_emb):
             scores = np.maximum.reduceat(scores, starts, axis=1)  # (b, n_ids)
         own = np.zeros((stop - start, n_ids), bool)  # (b, n_ids): the image's captions
