@@ -13,7 +13,7 @@ What is compared, in one run, one training at a time:
   tokenizer's share of the difference shows;
 - **open_clip**: ``python -m open_clip_train.main`` (through a launcher that registers the same
   architecture as an open_clip model config: ModifiedResNet [1,1,1,1] width 32 at 32 px with
-  attention pooling, 4-layer width-128 causal text transformer, context 32, embedding 128) with
+  attention pooling, 1-layer width-128 causal text transformer, context 32, embedding 128) with
   ``--dataset-type csv`` on copies of the CSVs with absolute paths, CLIP's tokenizer, fp32, CPU,
   ``--workers 2``, ``--val-data`` the validation CSV. Twice: with open_clip's own defaults for a
   ResNet (lr 5e-4, wd 0.2, Adam beta2 0.999, eps 1e-8, no clipping; warmup cut from its default

@@ -1,8 +1,9 @@
 """Model-only training step: coembed's two-tower model vs open_clip's ``CLIP``, same architecture.
 
-Both sides train the ``tiny`` recipe's architecture (ModifiedResNet [1,1,1,1] width 32 at 64 px,
-attention pooling with 8 heads; 4-layer width-128 causal text transformer, context 32; embedding
-128) with CLIP's tokenizer (vocabulary 49,408) on the same synthetic batch: random images and the
+Both sides train the ``tiny`` recipe's architecture as ``configs/tiny.yaml`` holds it
+(ModifiedResNet [1,1,1,1] width 32, attention pooling with 8 heads; a width-128 causal text
+transformer, context 32; embedding 128; the image size and text depth of each measurement are in
+benchmarks/RESULTS.md: 64 px and 4 layers until Nov 30 2026) with CLIP's tokenizer (vocabulary 49,408) on the same synthetic batch: random images and the
 shipped captions tokenized by open_clip. Before timing, open_clip's model is loaded with
 coembed's weights and must give the same features, so both compute one function.
 
