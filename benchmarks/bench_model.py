@@ -2,10 +2,11 @@
 
 Both sides train the ``tiny`` recipe's architecture as ``configs/tiny.yaml`` holds it
 (ModifiedResNet [1,1,1,1] width 32, attention pooling with 8 heads; a width-128 causal text
-transformer, context 32; embedding 128; the image size and text depth of each measurement are in
-benchmarks/RESULTS.md: 64 px and 4 layers until Nov 30 2026) with CLIP's tokenizer (vocabulary 49,408) on the same synthetic batch: random images and the
-shipped captions tokenized by open_clip. Before timing, open_clip's model is loaded with
-coembed's weights and must give the same features, so both compute one function.
+transformer, context 32; embedding 128; benchmarks/RESULTS.md gives each measurement's image size
+and text depth: 64 px and 4 layers until Nov 30 2026) with CLIP's tokenizer (vocabulary 49,408)
+on the same synthetic batch: random images and the shipped captions tokenized by open_clip.
+Before timing, open_clip's model is loaded with coembed's weights and must give the same
+features, so both compute one function.
 
 Each side runs its own trainer's step: coembed as ``coembed.train`` does it (channels_last model
 and images, fused AdamW, gradient clipping at 1.0), open_clip as ``open_clip_train`` does it

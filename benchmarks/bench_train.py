@@ -2,9 +2,9 @@
 
 Both trainers train the same architecture (the ``tiny`` recipe as ``configs/tiny.yaml`` holds it:
 ModifiedResNet [1,1,1,1] width 32 with 8-head attention pooling, a width-128 text transformer,
-context 32, embedding 128; the image size and text depth of each measurement are in
-benchmarks/RESULTS.md: 64 px and 4 layers until Nov 30 2026) with CLIP's tokenizer, batch 128, fp32, on the CPU, from the shipped PNGs
-(data/synthetic/train.csv, 3000 pairs), without validation:
+context 32, embedding 128; benchmarks/RESULTS.md gives each measurement's image size and text
+depth: 64 px and 4 layers until Nov 30 2026) with CLIP's tokenizer, batch 128, fp32, on the CPU,
+from the shipped PNGs (data/synthetic/train.csv, 3000 pairs), without validation:
 
 - coembed: ``python -m coembed train --config tiny --set model.tokenizer=clip ...``; it decodes
   the images once into its uint8 cache (start-up), then crops and normalizes whole batches in a
