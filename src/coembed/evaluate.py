@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coembed.data.formats import caption_ids_of
 from coembed.errors import DataError, UsageError
 from coembed.files import read_regular_file
 from coembed.names import check_path, escape_name
@@ -72,13 +73,6 @@ def _check_shapes(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np
         )
     if len(text_to_image) and (text_to_image.min() < 0 or text_to_image.max() >= len(image_emb)):
         raise ValueError("text_to_image holds an index outside [0, N_img)")
-
-
-def caption_ids_of(captions: Sequence[str]) -> np.ndarray:
-    """(N,) int64: for each caption an id that every caption of the same text shares."""
-    if not len(captions):
-        return np.zeros(0, np.int64)
-    return np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)[1]
 
 
 def _dense_ids(caption_ids: np.ndarray | None, n_texts: int) -> np.ndarray:

@@ -32,8 +32,11 @@ import os
 import re
 import sys
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from coembed.errors import DataError
 from coembed.files import NotRegularFile, read_regular_file
@@ -663,3 +666,10 @@ def read_records(
     if p.suffix.lower() == ".jsonl":
         return _read_jsonl(p, image_key, caption_key, collect)
     return _read_table(p, image_key, caption_key, collect)
+
+
+def caption_ids_of(captions: Sequence[str]) -> np.ndarray:
+    """(N,) int64: for each caption an id that every caption of the same text shares."""
+    if not len(captions):
+        return np.zeros(0, np.int64)
+    return np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)[1]

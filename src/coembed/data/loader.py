@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from coembed.data.cache import Source, cache_size_for, decode_images, decode_square
-from coembed.data.formats import Record
+from coembed.data.formats import Record, caption_ids_of
 from coembed.data.images import ImageReadError, ImageSource, open_image
 from coembed.data.transforms import (
     Preprocess,
@@ -267,7 +267,7 @@ class PairData:
     def caption_ids(self) -> np.ndarray:
         """(P,) int64: for each pair, an id its caption shares with every pair of the same text."""
         if self._caption_ids is None:
-            self._caption_ids = np.unique(np.asarray(self.pair_caption), return_inverse=True)[1]
+            self._caption_ids = caption_ids_of(self.pair_caption)
         return self._caption_ids
 
     @property

@@ -71,7 +71,8 @@ class Logger:
 def validate_run(run: TrainRun) -> dict[str, float]:
     """Retrieval recall@1/5/10 and ranks both ways on the validation set, with the current
     weights (their moving average when the run keeps one)."""
-    from coembed.evaluate import caption_ids_of, retrieval_metrics
+    from coembed.data.formats import caption_ids_of
+    from coembed.evaluate import retrieval_metrics
 
     model = run.evaluated_model
     training = model.training  # the moving average stays in eval mode
