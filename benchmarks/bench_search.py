@@ -32,7 +32,7 @@ import numpy as np
 
 from machine import machine
 
-# Targets from the issue; a run prints whether each was met.
+# The project's search targets; a run prints whether each was met.
 TARGET_P50_MS = 0.5
 TARGET_P99_MS = 1.0
 TARGET_RECALL = 0.98

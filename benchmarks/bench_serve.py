@@ -13,7 +13,7 @@ What is measured (a load check, not a test):
   shared cores go to the server), a bounded number of requests each phase. Any non-200 answer,
   a reply without 10 results or a transport error counts as an error.
 
-Targets (issue 6): single client p50 <= 10 ms; 32 clients >= 200 requests/s with 0 errors.
+Targets: single client p50 <= 10 ms; 32 clients >= 200 requests/s with 0 errors.
 
     .venv/bin/python benchmarks/bench_serve.py             # ~2 minutes; appends to RESULTS.md
     .venv/bin/python benchmarks/bench_serve.py --no-write  # print only

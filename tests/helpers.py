@@ -205,7 +205,7 @@ def tree_changes(before: dict, after: dict) -> list[str]:
 
 # --- tiny training runs ---------------------------------------------------------------------------
 
-# The tiny model of issue 4: a 0.4M-parameter run takes well under a second per step on a CPU.
+# The tiny test model: a 0.4M-parameter run takes well under a second per step on a CPU.
 TINY_SET = [
     "model.image.width=8",
     "model.image.image_size=32",

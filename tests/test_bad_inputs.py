@@ -855,7 +855,7 @@ def test_at_least_30_kinds_on_every_surface():
     kinds = {c.kind for c in ALL_CASES}
     assert len(kinds) >= 30, sorted(kinds)
     assert {c.surface for c in ALL_CASES} == {"cli", "api", "http"}
-    # Each of the families has a case.
+    # Each family of bad input has a case.
     wanted = {
         "corrupt image", "truncated image", "zero-byte image", "decompression bomb",
         "non-image posing as image", "CMYK/16-bit/palette/alpha image", "missing file",

@@ -150,7 +150,7 @@ def test_judging_a_hit_by_the_query_attributes():
     def judged(query: str, caption: str) -> list[str]:
         return differences(describe(query), describe(caption).as_picture())
 
-    # The example: yellow squares ranked first for a yellow star.
+    # The example that prompted this: yellow squares ranked first for a yellow star.
     assert judged(
         "a yellow star on the left", "there is a big yellow box with dots on the left"
     ) == ["square, not star"]

@@ -25,7 +25,7 @@ def test_clip_loss_equals_open_clip(scale):
     s = torch.tensor(scale, dtype=torch.float64)
     ours = ClipLoss()(img, txt, s)
     theirs = open_clip_loss.ClipLoss()(img, txt, s)
-    # Tolerance 1e-6 as the issue states; float64 makes it a check of the formula, not of rounding.
+    # Tolerance 1e-6; float64 makes it a check of the formula, not of rounding.
     assert abs(float(ours) - float(theirs)) < 1e-6
 
 

@@ -1,4 +1,4 @@
-"""Objectives beyond the contrastive pair (issue 19): soft targets for duplicate captions and
+"""Objectives beyond the contrastive pair: soft targets for duplicate captions and
 images, label smoothing, the weights' moving average, masked language modelling, image
 self-supervision on a second view (SLIP's NT-Xent, DeCLIP's multi-view). Each against a hand
 computation, across two gloo processes, through gradient accumulation, learning on a tiny set,

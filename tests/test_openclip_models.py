@@ -152,7 +152,7 @@ def test_convert_reads_shapes_and_states_the_activation(tmp_path):
         )
         assert max_diff(image, ref_image) < TOL
         assert max_diff(text, ref_text) < TOL
-    # The recipe's QuickGELU on a GELU checkpoint: the silent error this issue was about.
+    # The recipe's QuickGELU on a GELU checkpoint: the silent error this guards against.
     _, text = embeddings(converted(tmp_path / "recipe"), 64)
     assert max_diff(text, embeddings(gelu, 64)[1]) > WRONG_ACTIVATION
 

@@ -1,5 +1,5 @@
-"""Damaged metadata, values out of range, and data silently lost in parsing (issue 16, items 5,
-6 and 8), kind by kind, through the command line, the Python API and the server.
+"""Damaged metadata, values out of range, and data silently lost in parsing, kind by kind,
+through the command line, the Python API and the server.
 
 Every row of the tables is one bad input and what coembed must do with it: one clear line and
 exit code 1 or 2 on the command line, one ``CoembedError`` in Python, a server that refuses to

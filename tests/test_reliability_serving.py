@@ -1,4 +1,4 @@
-"""What the server sends and what coembed reads, against a hostile user (issue 16, items 3, 4, 9).
+"""What the server sends and what coembed reads, against a hostile user.
 
 Kinds of bad input, each through the command line, the Python API and HTTP where it applies:
 

@@ -1,4 +1,4 @@
-"""Image self-supervision on a second augmented view of each training image (issue 19).
+"""Image self-supervision on a second augmented view of each training image.
 
 ``train.simclr_weight`` (SLIP): both views go through the image tower, a small projection head
 maps each view's embedding, and SimCLR's NT-Xent (``coembed.loss.nt_xent``) pulls the two views of
