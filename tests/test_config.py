@@ -87,3 +87,11 @@ def test_completion_is_its_own_step_and_returns_a_copy():
     given = load_config("tiny", ["train.loss=siglip", "model.init_logit_bias=-3"])
     assert given.model.init_logit_bias == -3.0  # a bias given is kept
     assert load_config("tiny").model.init_logit_bias is None  # the softmax loss has none
+
+
+def test_clip_tokenizer_on_a_trained_tokenizer_recipe_says_what_to_set():
+    # tiny.yaml sizes a trained BPE (4000 tokens); switching to CLIP's needs CLIP's vocabulary.
+    with pytest.raises(ConfigError, match=r"set model\.text\.vocab_size=49408"):
+        load_config("tiny", ["model.tokenizer=clip"])
+    cfg = load_config("tiny", ["model.tokenizer=clip", "model.text.vocab_size=49408"])
+    assert (cfg.model.text.vocab_size, cfg.model.text.eot_id) == (49408, 49407)

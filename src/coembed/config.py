@@ -23,6 +23,7 @@ from coembed.files import read_regular_file
 
 FORMAT_VERSION = 1
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's starting temperature, in log space
+CLIP_EOT_ID = 49407  # the end-of-text token of CLIP's 49,408-token vocabulary
 MAX_CONFIG_BYTES = 1024 * 1024  # the shipped recipes are under 2 KB
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -56,7 +57,7 @@ class TextConfig:
     attention: str = "causal"
     pool: str = "eot"
     dropout: float = 0.0
-    eot_id: int = 49407
+    eot_id: int = CLIP_EOT_ID
 
 
 @dataclass
@@ -439,9 +440,10 @@ def _check_text(t: TextConfig, tokenizer: str) -> None:
         )
     # A trained tokenizer sets vocab_size and eot_id when it is built; CLIP's are fixed.
     if tokenizer == "clip" and not 0 <= t.eot_id < t.vocab_size:
-        raise ConfigError(
-            f"model.text.eot_id ({t.eot_id}) must be below vocab_size ({t.vocab_size})"
-        )
+        message = f"model.text.eot_id ({t.eot_id}) must be below vocab_size ({t.vocab_size})"
+        if t.eot_id == CLIP_EOT_ID:  # a trained tokenizer's recipe switched to CLIP's
+            message += f" (CLIP's tokenizer: set model.text.vocab_size={CLIP_EOT_ID + 1})"
+        raise ConfigError(message)
 
 
 def _check_image(i: ImageConfig) -> None:
