@@ -23,7 +23,8 @@ from coembed.files import read_regular_file
 
 FORMAT_VERSION = 1
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's starting temperature, in log space
-CLIP_EOT_ID = 49407  # the end-of-text token of CLIP's 49,408-token vocabulary
+CLIP_VOCAB_SIZE = 49408  # CLIP's BPE vocabulary
+CLIP_EOT_ID = 49407  # its end-of-text token, the last one
 MAX_CONFIG_BYTES = 1024 * 1024  # the shipped recipes are under 2 KB
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -46,7 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 class TextConfig:
     """The transformer text tower."""
 
-    vocab_size: int = 49408
+    vocab_size: int = CLIP_VOCAB_SIZE
     context_length: int = 77
     width: int = 512
     layers: int = 12
@@ -442,7 +443,7 @@ def _check_text(t: TextConfig, tokenizer: str) -> None:
     if tokenizer == "clip" and not 0 <= t.eot_id < t.vocab_size:
         message = f"model.text.eot_id ({t.eot_id}) must be below vocab_size ({t.vocab_size})"
         if t.eot_id == CLIP_EOT_ID:  # a trained tokenizer's recipe switched to CLIP's
-            message += f" (CLIP's tokenizer: set model.text.vocab_size={CLIP_EOT_ID + 1})"
+            message += f" (CLIP's tokenizer: set model.text.vocab_size={CLIP_VOCAB_SIZE})"
         raise ConfigError(message)
 
 
