@@ -195,3 +195,22 @@ def test_prefetched_stops_its_thread_and_closes_the_generator_when_left_early():
     assert closed.is_set()
     assert len(made) <= 4  # the consumed item, the queue's two, and the one being put
     assert not any(t.name == "coembed-prefetch" for t in threading.enumerate())
+
+
+def test_cache_scale_sizes_the_squares(tmp_path):
+    """data.cache_scale sets the cached side (16 px at 2.0 for 8 px models); training crops and
+    whole-image batches keep the model's size, and streaming decodes to the same squares."""
+    paths = make_images(tmp_path, 6)
+    records, size = records_for(paths), 8
+    data = PairData.from_records(records, size, cache_dir=None, cache_scale=2.0)
+    streamed = PairData.from_records(
+        records, size, cache_dir=None, max_cache_bytes=0, num_workers=0, cache_scale=2.0
+    )
+    assert data.images.shape[1:] == (16, 16, 3) and streamed.cache_size == 16
+    for augment in (True, False):
+        for a, b in zip(
+            data.epoch_batches(0, 1, 3, augment=augment),
+            streamed.epoch_batches(0, 1, 3, augment=augment),
+        ):
+            assert a[0].shape == (3, 3, size, size)
+            assert torch.equal(a[0], b[0]) and a[1] == b[1]

@@ -113,6 +113,7 @@ PROBES = [
     Probe("data.train_num_samples", 8, "build", lambda s: s["total_steps"], error_ok=True),
     Probe("data.augment", False, "train", _first_batch),
     Probe("data.crop_scale_min", 0.5, "train", _first_batch),
+    Probe("data.cache_scale", 2.0, "build", lambda s: s["cache_files"]),
     Probe("data.color_jitter", 0.5, "train", _first_batch),
     Probe("data.grayscale_p", 1.0, "train", _first_batch),
     Probe("data.blur_p", 1.0, "train", _first_batch),

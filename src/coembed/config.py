@@ -99,6 +99,10 @@ class DataConfig:
     workers: int = 2
     augment: bool = True
     crop_scale_min: float = 0.8
+    # Side of the decoded, cached squares that training crops from, as a multiple of the model's
+    # image size (224 -> 256 by default). Above 8/7 the crops are resized from more of the source
+    # pixels, which keeps thin strokes that a second, small resize blurs (cache.py).
+    cache_scale: float = 8 / 7
     # Style-invariant augmentation after the crop (coembed.data.transforms.StyleAugment): colour
     # jitter strength, and the probabilities of greyscale and of a Gaussian blur; 0: off.
     color_jitter: float = 0.0
@@ -411,6 +415,7 @@ def _bounded_run(cfg: Config) -> list[tuple[str, float, Bounds]]:
         ("data.prefetch", d.prefetch, Bounds(0, 1024)),
         ("data.train_num_samples", d.train_num_samples, NOT_NEGATIVE),
         ("data.crop_scale_min", d.crop_scale_min, Bounds(0, 1, lo_open=True)),
+        ("data.cache_scale", d.cache_scale, Bounds(1, 8, why="the cache grows with its square")),
         ("data.color_jitter", d.color_jitter, Bounds(0, 1)),
         ("data.grayscale_p", d.grayscale_p, Bounds(0, 1)),
         ("data.blur_p", d.blur_p, Bounds(0, 1)),

@@ -213,6 +213,7 @@ class PairData:
         cache_dir: str | None,
         max_cache_bytes: int = 4 << 30,
         num_workers: int = 2,
+        cache_scale: float = 8 / 7,
     ) -> PairData:
         """Pairs from records; decodes into the cache when it fits ``max_cache_bytes``.
 
@@ -220,7 +221,7 @@ class PairData:
         fail to decode are dropped and counted in ``skipped`` (streaming mode: as met).
         """
         sources, pair_image, pair_caption = _pairs(records)
-        size = cache_size_for(image_size)
+        size = cache_size_for(image_size, cache_scale)
         need = len(sources) * size * size * 3
         if need > max_cache_bytes:
             log.info(

@@ -202,6 +202,7 @@ def load_pair_data(records: list[Record], cfg: Config, output: Path, dist_: Dist
             cache_dir=cfg.data.cache_dir or str(output / "cache"),
             max_cache_bytes=int(cfg.data.max_cache_gb * (1 << 30)),
             num_workers=cfg.data.workers,
+            cache_scale=cfg.data.cache_scale,
         )
         if samples:
             data.draw_per_epoch(samples)
