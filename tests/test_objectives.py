@@ -476,6 +476,7 @@ def process_settings_kept():
         ["train.soft_targets=true", "train.image_supcon_weight=1", "train.accum_steps=2"],
         ["train.caption_proxy_weight=1"],
         ["train.caption_proxy_weight=0.5", "train.accum_steps=2", "train.mlm_weight=0.5"],
+        ["train.cyclic_weight=0.25", "train.soft_targets=true", "train.accum_steps=2"],
     ],
     ids=str,
 )

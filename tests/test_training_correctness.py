@@ -164,6 +164,7 @@ PROBES = [
     # The 12 probe captions are distinct: with proxies for single captions too the loss changes.
     Probe("train.caption_proxy_min_pairs", 1, "train", lambda s: s["losses"], base=("train.caption_proxy_weight=1",)),
     Probe("data.caption_group", 2, "train", _first_batch, base=("data.caption_key=topic", "train.soft_targets=true")),
+    Probe("train.cyclic_weight", 1.0, "train", lambda s: s["losses"]),
     Probe("train.image_supcon_weight", 1.0, "train", lambda s: s["losses"], base=("data.caption_key=topic", "train.soft_targets=true")),
     Probe("train.image_supcon_temperature", 0.5, "train", lambda s: s["losses"], base=("data.caption_key=topic", "train.soft_targets=true", "train.image_supcon_weight=1")),
 ]  # fmt: skip

@@ -176,6 +176,9 @@ class TrainConfig:
     caption_proxy_weight: float = 0.0
     caption_proxy_temperature: float = 0.07
     caption_proxy_min_pairs: int = 2  # a caption gets a proxy when this many pairs share it
+    # CyCLIP's consistency (coembed.loss.cyclic_consistency): image-image similarities match
+    # text-text ones, image-text ones are symmetric; added with this weight (CyCLIP's 0.25); 0: off.
+    cyclic_weight: float = 0.0
 
 
 @dataclass
@@ -393,6 +396,7 @@ def _bounded_run(cfg: Config) -> list[tuple[str, float, Bounds]]:
         ("train.simclr_temperature", tr.simclr_temperature, Bounds(0, 10, lo_open=True)),
         ("train.feature_memory", tr.feature_memory, Bounds(0, 1 << 20, why=LIMIT_WHY)),
         ("train.image_supcon_weight", tr.image_supcon_weight, Bounds(0, 100, why="a loss weight")),
+        ("train.cyclic_weight", tr.cyclic_weight, Bounds(0, 100, why="a loss weight")),
         (
             "train.image_supcon_temperature",
             tr.image_supcon_temperature,

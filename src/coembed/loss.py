@@ -13,6 +13,8 @@ loss's targets with the uniform distribution over the global batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -222,14 +224,30 @@ def image_supcon(
     return -(picked[has] / counts[has]).sum() / B
 
 
-class WithImageSupCon(nn.Module):
-    """A contrastive loss plus ``weight`` x ``image_supcon`` of its image features at
-    ``temperature`` (``train.image_supcon_weight``): images whose captions match are pulled
-    together directly, not only through their shared caption."""
+def cyclic_consistency(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """CyCLIP's two consistency terms (Goel et al., 2022): the similarity of image i to image j
+    should equal that of text i to text j (in-modal), and image i to text j that of text i to
+    image j (cross-modal). Squared differences of cosine similarities, each of this rank's rows
+    summed over the global batch's columns, then averaged over rows, the two terms added.
 
-    def __init__(self, loss: nn.Module, weight: float, temperature: float) -> None:
+    The mean over ranks is one process's term on the whole batch, as for the contrastive loss.
+    ``image_features`` and ``text_features`` (B, D) are L2-normalized.
+    """
+    images, texts = image_features.float(), text_features.float()
+    all_images, all_texts = gather_with_grad(images), gather_with_grad(texts)  # (W*B, D)
+    in_modal = images @ all_images.T - texts @ all_texts.T  # (B, W*B)
+    cross_modal = images @ all_texts.T - texts @ all_images.T
+    return (in_modal.square().sum(dim=1) + cross_modal.square().sum(dim=1)).mean()
+
+
+class WithTerms(nn.Module):
+    """A contrastive loss plus weighted terms of the same features: ``terms`` pairs a weight
+    with a function of (image features, text features, positives), e.g. the images' supervised
+    contrast (``train.image_supcon_weight``) or CyCLIP's consistency (``train.cyclic_weight``)."""
+
+    def __init__(self, loss: nn.Module, terms: list[tuple[float, Callable]]) -> None:
         super().__init__()
-        self.loss, self.weight, self.temperature = loss, weight, temperature
+        self.loss, self.terms = loss, terms
 
     def forward(
         self,
@@ -240,10 +258,11 @@ class WithImageSupCon(nn.Module):
         positives: torch.Tensor | None = None,
         memory: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
-        """The wrapped loss of the same arguments, plus the weighted image term."""
-        term = image_supcon(image_features, positives, self.temperature)
-        pair = self.loss(image_features, text_features, logit_scale, logit_bias, positives, memory)
-        return pair + self.weight * term
+        """The wrapped loss of the same arguments, plus the weighted terms."""
+        total = self.loss(image_features, text_features, logit_scale, logit_bias, positives, memory)
+        for weight, term in self.terms:
+            total = total + weight * term(image_features, text_features, positives)
+        return total
 
 
 def make_loss(
@@ -251,9 +270,11 @@ def make_loss(
     label_smoothing: float = 0.0,
     image_supcon_weight: float = 0.0,
     image_supcon_temperature: float = 0.1,
+    cyclic_weight: float = 0.0,
 ) -> nn.Module:
     """The contrastive loss named ``kind`` (clip or siglip); label smoothing is the softmax
-    loss's alone. With ``image_supcon_weight`` the images' supervised contrast is added."""
+    loss's alone. With ``image_supcon_weight`` the images' supervised contrast is added, with
+    ``cyclic_weight`` CyCLIP's consistency terms."""
     from coembed.errors import ConfigError
 
     if kind == "clip":
@@ -264,9 +285,13 @@ def make_loss(
         loss = SigLipLoss()
     else:
         raise ConfigError(f"unknown loss {kind!r} (clip or siglip)")
+    terms: list[tuple[float, Callable]] = []
     if image_supcon_weight:
-        return WithImageSupCon(loss, image_supcon_weight, image_supcon_temperature)
-    return loss
+        supcon = partial(image_supcon, temperature=image_supcon_temperature)
+        terms.append((image_supcon_weight, lambda images, _texts, pos: supcon(images, pos)))
+    if cyclic_weight:
+        terms.append((cyclic_weight, lambda images, texts, _pos: cyclic_consistency(images, texts)))
+    return WithTerms(loss, terms) if terms else loss
 
 
 def loss_of(train: TrainConfig) -> nn.Module:
@@ -276,4 +301,5 @@ def loss_of(train: TrainConfig) -> nn.Module:
         train.label_smoothing,
         train.image_supcon_weight,
         train.image_supcon_temperature,
+        train.cyclic_weight,
     )
