@@ -33,6 +33,7 @@ CONTRASTIVE_ONLY = [
     "data.caption_group=1",
     "train.image_supcon_weight=0",
     "train.caption_proxy_weight=0",
+    "train.cyclic_weight=0",
 ]
 
 # Small shapes so the whole suite stays fast on two cores.
