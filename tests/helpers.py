@@ -649,3 +649,22 @@ def losses_on_a_fixed_batch(
     run.total_steps = steps
     images = torch.randn(len(captions), 3, 32, 32, generator=torch.Generator().manual_seed(1))
     return [train_step(run, images, captions, image_ids)[0] for _ in range(steps)]
+
+
+def assert_accumulation_equals_one_batch(run, captions: list[str], soft_targets: bool = False):
+    """``run`` (with ``train.accum_steps`` above 1) on a seeded batch of random images: the
+    gradients of its accumulated backward equal one backward of the whole batch's loss (to 1e-4
+    relative; float32 sums in another order). With ``soft_targets`` the batch's captions that
+    match are positives of each other."""
+    from coembed.loss import positive_pairs
+    from coembed.training.step import accumulated_backward
+
+    images = torch.randn(len(captions), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = run.tokenizer(captions)
+    positives = positive_pairs(tokens, None) if soft_targets else None
+    run.loss_fn(**run.model(images, tokens), positives=positives).backward()
+    expected = {n: p.grad.clone() for n, p in run.model.named_parameters()}
+    run.model.zero_grad(set_to_none=True)
+    accumulated_backward(run, images, tokens, positives)
+    for name, p in run.model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7, msg=name)

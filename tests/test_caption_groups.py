@@ -17,6 +17,7 @@ from coembed.data.loader import caption_runs
 from coembed.loss import ClipLoss, image_supcon, positive_pairs
 from tests.helpers import (
     TINY,
+    assert_accumulation_equals_one_batch,
     gloo_group,
     losses_on_a_fixed_batch,
     run_two_processes,
@@ -141,21 +142,10 @@ def test_image_supcon_reaches_the_image_tower_and_not_the_text():
 
 
 def test_image_supcon_through_accumulation_equals_one_batch():
-    from coembed.training.step import accumulated_backward
-
     captions = [f"a picture of {('red', 'blue', 'green')[i % 3]} things" for i in range(8)]
     settings = [*TINY, "train.soft_targets=true", "train.image_supcon_weight=1"]
     run = tiny_train_run(captions, [*settings, "train.accum_steps=2"], batchnorm_eval=True)
-    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    tokens = run.tokenizer(captions)
-    positives = positive_pairs(tokens, None)
-    out = run.model(images, tokens)
-    run.loss_fn(**out, positives=positives).backward()
-    expected = {n: p.grad.clone() for n, p in run.model.named_parameters()}
-    run.model.zero_grad(set_to_none=True)
-    accumulated_backward(run, images, tokens, positives)
-    for name, p in run.model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert_accumulation_equals_one_batch(run, captions, soft_targets=True)
 
 
 def test_image_supcon_and_caption_runs_loss_falls_on_a_tiny_set():
