@@ -668,3 +668,9 @@ def assert_accumulation_equals_one_batch(run, captions: list[str], soft_targets:
     accumulated_backward(run, images, tokens, positives)
     for name, p in run.model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
+    """(n, d) seeded float64 rows of unit length: stand-ins for L2-normalized features."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.nn.functional.normalize(x, dim=-1)

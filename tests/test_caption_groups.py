@@ -22,6 +22,7 @@ from tests.helpers import (
     losses_on_a_fixed_batch,
     run_two_processes,
     tiny_train_run,
+    unit_rows,
 )
 
 # --- caption runs ----------------------------------------------------------------------------------
@@ -100,11 +101,6 @@ def hand_supcon(images: list[list[float]], positive: list[list[bool]], t: float)
         if mine:
             total -= sum(sims[j] - math.log(denominator) for j in mine) / len(mine)
     return total / n
-
-
-def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
-    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return torch.nn.functional.normalize(x, dim=-1)
 
 
 def test_image_supcon_equals_hand_computation():

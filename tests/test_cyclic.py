@@ -16,12 +16,8 @@ from tests.helpers import (
     losses_on_a_fixed_batch,
     run_two_processes,
     tiny_train_run,
+    unit_rows,
 )
-
-
-def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
-    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return torch.nn.functional.normalize(x, dim=-1)
 
 
 def hand_cyclic(images: list[list[float]], texts: list[list[float]]) -> float:
