@@ -231,13 +231,15 @@ def cyclic_consistency(image_features: torch.Tensor, text_features: torch.Tensor
     summed over the global batch's columns, then averaged over rows, the two terms added.
 
     The mean over ranks is one process's term on the whole batch, as for the contrastive loss.
-    ``image_features`` and ``text_features`` (B, D) are L2-normalized.
+    ``image_features`` and ``text_features`` (B, D) are L2-normalized. Computed in float64: the
+    terms are differences of nearly equal similarities, and Adam amplifies their float32
+    rounding (two processes and one with accumulation drifted apart by 1e-4 in four steps).
     """
-    images, texts = image_features.float(), text_features.float()
+    images, texts = image_features.double(), text_features.double()
     all_images, all_texts = gather_with_grad(images), gather_with_grad(texts)  # (W*B, D)
     in_modal = images @ all_images.T - texts @ all_texts.T  # (B, W*B)
     cross_modal = images @ all_texts.T - texts @ all_images.T
-    return (in_modal.square().sum(dim=1) + cross_modal.square().sum(dim=1)).mean()
+    return (in_modal.square().sum(dim=1) + cross_modal.square().sum(dim=1)).mean().float()
 
 
 class WithTerms(nn.Module):
