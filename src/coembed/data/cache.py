@@ -39,7 +39,10 @@ PARALLEL_MIN_IMAGES = 64  # below this a process pool costs more than it saves
 Source = str | TarMember
 
 
-def cache_size_for(image_size: int, scale: float = 8 / 7) -> int:
+CACHE_SCALE = 8 / 7  # the cached squares' default side per model side (224 -> 256)
+
+
+def cache_size_for(image_size: int, scale: float = CACHE_SCALE) -> int:
     """Side of the cached squares: image_size * scale (224 -> 256 at 8/7), room for random crops."""
     return int(round(image_size * scale))
 

@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from coembed.data.cache import Source, cache_size_for, decode_images, decode_square
+from coembed.data.cache import (
+    CACHE_SCALE,
+    Source,
+    cache_size_for,
+    decode_images,
+    decode_square,
+)
 from coembed.data.formats import Record, caption_ids_of
 from coembed.data.images import ImageReadError, ImageSource, open_image
 from coembed.data.transforms import (
@@ -213,7 +219,7 @@ class PairData:
         cache_dir: str | None,
         max_cache_bytes: int = 4 << 30,
         num_workers: int = 2,
-        cache_scale: float = 8 / 7,
+        cache_scale: float = CACHE_SCALE,
     ) -> PairData:
         """Pairs from records; decodes into the cache when it fits ``max_cache_bytes``.
 
