@@ -14,7 +14,6 @@ loss's targets with the uniform distribution over the global batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -46,20 +45,6 @@ def gather_ids(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-@dataclass(frozen=True)
-class Gathered:
-    """Every rank's features of one step, concatenated in rank order (W*B, D), gradients flowing
-    back to each rank's part: gathered once and shared by the contrastive loss and every term
-    added to it, so each step runs one all-gather per tower however many terms read them."""
-
-    images: torch.Tensor
-    texts: torch.Tensor
-
-    @classmethod
-    def of(cls, image_features: torch.Tensor, text_features: torch.Tensor) -> Gathered:
-        return cls(gather_with_grad(image_features), gather_with_grad(text_features))
-
-
 def positive_pairs(tokens: torch.Tensor, image_ids: torch.Tensor | None) -> torch.Tensor | None:
     """Which pairs of the global batch are positives of this rank's pairs: (B, W*B) bool, True
     where the captions are the same token ids or the images the same image id; None when every
@@ -85,11 +70,10 @@ def _rank() -> int:
 
 
 def _logits(
-    rows: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    rows: torch.Tensor, others: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Scaled similarities of this rank's ``rows`` (B, D) to every rank's ``columns`` (W*B, D):
-    (B, W*B)."""
-    logits = scale * rows @ columns.T
+    """Scaled similarities of this rank's ``rows`` (B, D) to every rank's ``others``: (B, W*B)."""
+    logits = scale * rows @ gather_with_grad(others).T
     return logits if bias is None else logits + bias
 
 
@@ -131,16 +115,13 @@ class ClipLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
         positives: torch.Tensor | None = None,
         memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-        gathered: Gathered | None = None,
     ) -> torch.Tensor:
         """The loss; ``positives`` (B, W*B) bool from ``positive_pairs`` spreads each row's target
         over its positives (None: the matching pair alone). ``memory`` (images (M, D), texts
         (M, D), blocked (B, M) bool), from ``coembed.training.memory.FeatureMemory.columns``, adds
-        M negative columns to each direction, leaving out the blocked ones. ``gathered``: every
-        rank's features when the caller has them already (gathered here otherwise)."""
-        every = gathered or Gathered.of(image_features, text_features)
-        logits_per_image = _logits(image_features, every.texts, logit_scale, logit_bias)
-        logits_per_text = _logits(text_features, every.images, logit_scale, logit_bias)
+        M negative columns to each direction, leaving out the blocked ones."""
+        logits_per_image = _logits(image_features, text_features, logit_scale, logit_bias)
+        logits_per_text = _logits(text_features, image_features, logit_scale, logit_bias)
         if memory is not None:
             images, texts, blocked = memory
             scalars = (logit_scale, logit_bias)
@@ -178,16 +159,13 @@ class SigLipLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
         positives: torch.Tensor | None = None,
         memory: tuple[torch.Tensor, ...] | None = None,
-        gathered: Gathered | None = None,
     ) -> torch.Tensor:
         """The loss; ``positives`` (B, W*B) bool from ``positive_pairs`` are labelled +1 (None:
         the matching pairs alone). No feature memory: ``coembed.config`` refuses it with this
-        loss, whose per-pair terms do not normalize over columns. ``gathered`` as for
-        ``ClipLoss``."""
+        loss, whose per-pair terms do not normalize over columns."""
         if memory is not None:
             raise ValueError("the sigmoid loss takes no feature memory (train.feature_memory)")
-        every_text = gathered.texts if gathered else gather_with_grad(text_features)
-        logits = _logits(image_features, every_text, logit_scale, logit_bias)
+        logits = _logits(image_features, text_features, logit_scale, logit_bias)
         B = image_features.shape[0]
         if positives is None:
             # +1 on this rank's diagonal (the matching pairs), -1 everywhere else.
@@ -219,10 +197,7 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> to
 
 
 def image_supcon(
-    image_features: torch.Tensor,
-    positives: torch.Tensor | None,
-    temperature: float,
-    every_image: torch.Tensor | None = None,
+    image_features: torch.Tensor, positives: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:
     """Supervised contrast between images (SupCon's L_out): each of this rank's images picks the
     other images of the global batch it is a positive of (the same caption or the same picture,
@@ -230,15 +205,12 @@ def image_supcon(
     ``temperature``. Summed over the rows that have such an image and divided by all B rows, so
     the mean over ranks is one process's loss on the whole batch; 0 when no row has one.
 
-    ``image_features`` (B, D) are L2-normalized; ``positives`` (B, W*B) bool or None;
-    ``every_image`` (W*B, D) every rank's, when the caller has gathered them already.
+    ``image_features`` (B, D) are L2-normalized; ``positives`` (B, W*B) bool or None.
     """
     if positives is None:
         return image_features.sum() * 0.0  # no pair of the batch shares a caption or picture
     B = image_features.shape[0]
-    if every_image is None:
-        every_image = gather_with_grad(image_features)
-    logits = image_features @ every_image.T / temperature  # (B, W*B)
+    logits = image_features @ gather_with_grad(image_features).T / temperature  # (B, W*B)
     rows = torch.arange(B, device=logits.device)
     itself = torch.zeros_like(positives)
     itself[rows, rows + _rank() * B] = True
@@ -252,9 +224,7 @@ def image_supcon(
     return -(picked[has] / counts[has]).sum() / B
 
 
-def cyclic_consistency(
-    image_features: torch.Tensor, text_features: torch.Tensor, gathered: Gathered | None = None
-) -> torch.Tensor:
+def cyclic_consistency(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """CyCLIP's two consistency terms (Goel et al., 2022): the similarity of image i to image j
     should equal that of text i to text j (in-modal), and image i to text j that of text i to
     image j (cross-modal). Squared differences of cosine similarities, each of this rank's rows
@@ -264,28 +234,20 @@ def cyclic_consistency(
     ``image_features`` and ``text_features`` (B, D) are L2-normalized. Computed in float64: the
     terms are differences of nearly equal similarities, and Adam amplifies their float32
     rounding (two processes and one with accumulation drifted apart by 1e-4 in four steps).
-    ``gathered``: every rank's features, when the caller has them already.
     """
-    every = gathered or Gathered.of(image_features, text_features)
     images, texts = image_features.double(), text_features.double()
-    all_images, all_texts = every.images.double(), every.texts.double()  # (W*B, D)
+    all_images, all_texts = gather_with_grad(images), gather_with_grad(texts)  # (W*B, D)
     in_modal = images @ all_images.T - texts @ all_texts.T  # (B, W*B)
     cross_modal = images @ all_texts.T - texts @ all_images.T
     return (in_modal.square().sum(dim=1) + cross_modal.square().sum(dim=1)).mean().float()
 
 
-# A term added to the contrastive loss: a function of this rank's image and text features, the
-# batch's positives (``positive_pairs``) and every rank's features.
-Term = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", Gathered], torch.Tensor]
-
-
 class WithTerms(nn.Module):
     """A contrastive loss plus weighted terms of the same features: ``terms`` pairs a weight
-    with a ``Term``, e.g. the images' supervised contrast (``train.image_supcon_weight``) or
-    CyCLIP's consistency (``train.cyclic_weight``). The features are gathered across processes
-    once, for the loss and every term."""
+    with a function of (image features, text features, positives), e.g. the images' supervised
+    contrast (``train.image_supcon_weight``) or CyCLIP's consistency (``train.cyclic_weight``)."""
 
-    def __init__(self, loss: nn.Module, terms: list[tuple[float, Term]]) -> None:
+    def __init__(self, loss: nn.Module, terms: list[tuple[float, Callable]]) -> None:
         super().__init__()
         self.loss, self.terms = loss, terms
 
@@ -299,11 +261,9 @@ class WithTerms(nn.Module):
         memory: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         """The wrapped loss of the same arguments, plus the weighted terms."""
-        every = Gathered.of(image_features, text_features)
-        features = (image_features, text_features)
-        total = self.loss(*features, logit_scale, logit_bias, positives, memory, gathered=every)
+        total = self.loss(image_features, text_features, logit_scale, logit_bias, positives, memory)
         for weight, term in self.terms:
-            total = total + weight * term(*features, positives, every)
+            total = total + weight * term(image_features, text_features, positives)
         return total
 
 
@@ -327,22 +287,12 @@ def make_loss(
         loss = SigLipLoss()
     else:
         raise ConfigError(f"unknown loss {kind!r} (clip or siglip)")
-    terms: list[tuple[float, Term]] = []
+    terms: list[tuple[float, Callable]] = []
     if image_supcon_weight:
         supcon = partial(image_supcon, temperature=image_supcon_temperature)
-        terms.append(
-            (
-                image_supcon_weight,
-                lambda images, _, pos, every: supcon(images, pos, every_image=every.images),
-            )
-        )
+        terms.append((image_supcon_weight, lambda images, _texts, pos: supcon(images, pos)))
     if cyclic_weight:
-        terms.append(
-            (
-                cyclic_weight,
-                lambda images, texts, _, every: cyclic_consistency(images, texts, every),
-            )
-        )
+        terms.append((cyclic_weight, lambda images, texts, _pos: cyclic_consistency(images, texts)))
     return WithTerms(loss, terms) if terms else loss
 
 
