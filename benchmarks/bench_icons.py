@@ -24,9 +24,11 @@ What is compared, in one run, one training at a time:
 Fairness:
 
 - the same batch (the tiny recipe's), data, architecture and per-epoch validation on both
-  sides; OpenMP threads wait passively on both (``OMP_WAIT_POLICY=PASSIVE``, which coembed
-  chooses for itself when other work shares the cores; spinning threads cost open_clip most on
-  a shared machine), unless the environment sets it;
+  sides; the same OpenMP waiting on both, the one ``coembed train`` picks for itself on this
+  machine as the benchmark starts (``coembed.process.openmp_waiting_settings``): a short spin
+  when the cores are idle, sleep beside other work (spinning threads cost open_clip most on a
+  shared machine), unless the environment sets it. On idle cores the short spin was also
+  open_clip's fastest of the four waits measured (RESULTS.md);
 - the same budget of training time: a probe first runs each trainer configuration for
   ``--probe`` seconds after its first step and measures its own samples/s (the median over its
   logged windows of 2 steps, so that a burst of other jobs' load moves it less); each run then
@@ -368,7 +370,7 @@ def saved_rates(path: Path) -> dict[tuple, float]:
     return rates
 
 
-def save_side(path: Path, side: Side, args: argparse.Namespace) -> None:
+def save_side(path: Path, side: Side, args: argparse.Namespace, env: dict[str, str]) -> None:
     """One line per trained side, so that several runs of the benchmark make one table."""
     record = {
         "name": side.name,
@@ -382,6 +384,7 @@ def save_side(path: Path, side: Side, args: argparse.Namespace) -> None:
         "startup_s": side.run["startup_s"],
         "training_s": side.run["wall_s"] - side.run["startup_s"],
         "load": os.getloadavg()[0],
+        "openmp": {k: env.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "val": side.val,
@@ -484,6 +487,16 @@ def make_sides(args: argparse.Namespace) -> list[Side]:
     return sides
 
 
+def openmp_waiting_of_both(env: dict[str, str]) -> str:
+    """Set in ``env`` (both trainers') how OpenMP's idle threads wait: as ``coembed train``
+    would choose on this machine now, unless ``env`` sets it; returns the description."""
+    from coembed.process import openmp_waiting_settings
+
+    settings, description = openmp_waiting_settings("train", env)
+    env.update(settings)
+    return description
+
+
 def main() -> int:
     args = parse_args()
     if args.table:
@@ -493,7 +506,7 @@ def main() -> int:
         print(f"bench_icons: skipped, {missing}")
         return 0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    waiting = openmp_waiting_of_both(env)
     sides = make_sides(args)
     started = time.time()
     load = [os.getloadavg()[0]]
@@ -504,7 +517,8 @@ def main() -> int:
         print(
             f"{len(sides)} sides, "
             + (f"{args.epochs} epochs" if args.epochs else f"{args.budget:.0f} s of training")
-            + f" each, {bench.steps_per_epoch} steps of {bench.batch} per epoch",
+            + f" each, {bench.steps_per_epoch} steps of {bench.batch} per epoch; "
+            + f"OpenMP threads of both trainers: {waiting}",
             flush=True,
         )
         probes = saved_rates(args.rates) if args.rates else {}
@@ -527,7 +541,7 @@ def main() -> int:
             side.test = bench.evaluate(side.model_dir, bench.test)
             load.append(os.getloadavg()[0])
             if args.save:
-                save_side(args.save, side, args)
+                save_side(args.save, side, args, env)
             print(
                 f"  {side.run['steps']} steps, wall {side.run['wall_s']:.0f} s; test R@1 "
                 f"i→t {fmt(side.test[KEYS[0]])} t→i {fmt(side.test[KEYS[3]])}; "
