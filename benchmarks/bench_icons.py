@@ -73,6 +73,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -550,7 +551,7 @@ def main() -> int:
             )
         openclip_sides = [s for s in sides if s.trainer == "open_clip"]
         best = max(openclip_sides, key=lambda s: mean_recall(s.val)) if openclip_sides else None
-        notes = []
+        notes = [f"OpenMP threads of both trainers: {waiting}"]
         if best is not None:
             diff = parity(best, bench)
             verdict = "ok" if diff <= PARITY_TOLERANCE else "TOO LARGE"
@@ -599,7 +600,7 @@ def write_results(
     import open_clip
     import torch
 
-    command = " ".join(["benchmarks/bench_icons.py", *sys.argv[1:]])
+    command = shlex.join(["benchmarks/bench_icons.py", *sys.argv[1:]])
     text = f"""{SECTION}
 
 coembed's tiny recipe as shipped vs open_clip's trainer on the same architecture, data, batch
