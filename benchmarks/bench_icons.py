@@ -27,8 +27,9 @@ Fairness:
   sides; the same OpenMP waiting on both, the one ``coembed train`` picks for itself on this
   machine as the benchmark starts (``coembed.process.openmp_waiting_settings``): a short spin
   when the cores are idle, sleep beside other work (spinning threads cost open_clip most on a
-  shared machine), unless the environment sets it. On idle cores the short spin was also
-  open_clip's fastest of the four waits measured (RESULTS.md);
+  shared machine), unless the environment sets it. On idle cores open_clip's trainer ran as
+  fast with the short spin as asleep, the faster two of the four waits measured
+  (``bench_openmp_wait.py``, RESULTS.md);
 - the same budget of training time: a probe first runs each trainer configuration for
   ``--probe`` seconds after its first step and measures its own samples/s (the median over its
   logged windows of 2 steps, so that a burst of other jobs' load moves it less); each run then
@@ -99,6 +100,7 @@ from trainers import (
 SECTION = "## Cross-theme icon retrieval: coembed vs open_clip"
 SHEET = Path(__file__).resolve().parent / "icons_contact_sheet.png"
 PROBE_LOG_EVERY = 2
+OPENMP_WAITING = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # the variables that say how threads wait
 PARITY_TOLERANCE = 1e-5
 SEED = "train.seed="
 KEYS = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
@@ -385,7 +387,7 @@ def save_side(path: Path, side: Side, args: argparse.Namespace, env: dict[str, s
         "startup_s": side.run["startup_s"],
         "training_s": side.run["wall_s"] - side.run["startup_s"],
         "load": os.getloadavg()[0],
-        "openmp": {k: env.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        "openmp": {k: env.get(k) for k in OPENMP_WAITING},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "val": side.val,

@@ -43,7 +43,6 @@ SETTINGS = {
     "short spin": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": SHORT_SPIN},
     "spin": {"OMP_WAIT_POLICY": "ACTIVE"},
 }
-WAITING = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def sides() -> list[bench_icons.Side]:
@@ -59,7 +58,7 @@ def sides() -> list[bench_icons.Side]:
 def measure(data: Path | None, seconds: float, rounds: int) -> dict[tuple[str, str], list[float]]:
     """samples/s of every (trainer, setting), one list per pair (a value per round); the icons
     are built into a temporary folder when ``data`` is None."""
-    base = {k: v for k, v in os.environ.items() if k not in WAITING}
+    base = {k: v for k, v in os.environ.items() if k not in bench_icons.OPENMP_WAITING}
     base["PYTHONUNBUFFERED"] = "1"
     rates: dict[tuple[str, str], list[float]] = {}
     order = [(side, name) for name in SETTINGS for side in sides()]
