@@ -287,6 +287,8 @@ def build_world(root: Path) -> World:
     wide = save_model_dir(tiny_clip_model("model.embed_dim=16"), tok, root / "wide_model")
     shutil.copyfile(wide / "model.safetensors", ckpt / "swapped" / "model.safetensors")
     (ckpt / "random.pt").write_bytes(os.urandom(4096))
+    # A pickle's mark and a protocol no Python writes: torch would warn before failing.
+    (ckpt / "pickle_mark.pt").write_bytes(b"\x80\x9b" + os.urandom(4094))
     (ckpt / "notes.bin").write_text("these are my notes, not a checkpoint\n")
     (ckpt / "empty.pt").write_bytes(b"")
     with open(ckpt / "pwn.pt", "wb") as f:
@@ -435,6 +437,7 @@ CLI_CASES = [
     cli("truncated checkpoint", "--init", [*TRAIN, "--train-data", "{data}/good.csv", "--init", "{ckpt}/cut.safetensors"], 1, ""),
     cli("truncated checkpoint", "convert", ["convert", "--from-openclip", "{ckpt}/cut.safetensors", "--config", "rn50", "--output", "{scratch}/conv"], 1, "cut.safetensors"),
     cli("foreign checkpoint", "random bytes", ["convert", "--from-openclip", "{ckpt}/random.pt", "--config", "rn50", "--output", "{scratch}/conv"], 1, "random.pt"),
+    cli("foreign checkpoint", "random bytes after a pickle mark", ["convert", "--from-openclip", "{ckpt}/pickle_mark.pt", "--config", "rn50", "--output", "{scratch}/conv"], 1, "not a pytorch checkpoint"),
     cli("foreign checkpoint", "text file", ["convert", "--from-openclip", "{ckpt}/notes.bin", "--config", "rn50", "--output", "{scratch}/conv"], 1, "not a pytorch checkpoint"),
     cli("foreign checkpoint", "zero bytes", ["convert", "--from-openclip", "{ckpt}/empty.pt", "--config", "rn50", "--output", "{scratch}/conv"], 1, "empty"),
     cli("foreign checkpoint", "pickle that runs code", ["convert", "--from-openclip", "{ckpt}/pwn.pt", "--config", "rn50", "--output", "{scratch}/conv"], 1, "pwn.pt"),

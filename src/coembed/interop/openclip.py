@@ -519,6 +519,10 @@ def _read_torchscript(archive: zipfile.ZipFile) -> dict[str, Tensor]:
     return out
 
 
+# The protocol byte after a pickle's 0x80 mark, for the protocols Python writes (2 to 5).
+PICKLE_PROTOCOLS = {bytes([p]) for p in range(2, pickle.HIGHEST_PROTOCOL + 1)}
+
+
 def _is_safetensors(path: Path, head: bytes) -> bool:
     # A safetensors file starts with its header's length (8 bytes, little-endian) and then "{".
     return path.suffix == ".safetensors" or (len(head) > 8 and head[8:9] == b"{")
@@ -546,8 +550,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
         raise ModelDirError(f"{path}: empty file, not a checkpoint")
     with open(path, "rb") as f:
         head = f.read(9)
-    # torch.save writes a zip ("PK", even when truncated) or, in its legacy format, a pickle (0x80).
-    if not _is_safetensors(path, head) and head[:2] != b"PK" and head[:1] != b"\x80":
+    # torch.save writes a zip ("PK", even when truncated) or, in its legacy format, a pickle:
+    # 0x80 and the protocol, 2 to 5 (any other "protocol" is bytes that only start like one).
+    pickled = head[:1] == b"\x80" and head[1:2] in PICKLE_PROTOCOLS
+    if not _is_safetensors(path, head) and head[:2] != b"PK" and not pickled:
         raise ModelDirError(
             f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle); "
             "give an open_clip .pt/.pth/.bin or .safetensors file"
