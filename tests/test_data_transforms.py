@@ -241,3 +241,79 @@ def test_random_conv_probability_picks_some_images_and_keeps_the_others():
     plain = augmented(None, seed=1)
     same = (changed - plain).abs().amax(dim=(1, 2, 3)) == 0  # (B,)
     assert 0 < int(same.sum()) < len(same)
+
+
+@pytest.mark.parametrize(
+    "caption, named",
+    [
+        ("a red car", True),
+        ("Grey-blue sky at dusk", True),
+        ("a colourful kite", True),
+        ("two RED solid triangles", True),
+        ("a colored pencil", True),
+        ("address book new, action icon", False),
+        ("a reddish fox", False),  # whole words only
+        ("bluetooth, status icon", False),
+        ("the tandem bicycle", False),
+        ("", False),
+    ],
+)
+def test_names_a_color_finds_colour_words_as_whole_words(caption, named):
+    from coembed.data.transforms import names_a_color
+
+    assert names_a_color(caption) is named
+
+
+STYLES_THAT_MOVE_COLOURS = [
+    StyleAugment(color_jitter=0.5, grayscale_p=1.0),
+    StyleAugment(color_jitter=0.5, grayscale_p=0.5, random_conv_p=1.0),
+]
+
+
+@pytest.mark.parametrize("style", STYLES_THAT_MOVE_COLOURS, ids=["jitter+grey", "with RandConv"])
+def test_kept_images_keep_their_colours_and_the_others_their_draws(style):
+    """Marked images come out as the crop alone made them; the unmarked ones exactly as without
+    marks (the draws do not move)."""
+    plain, changed = augmented(None), augmented(style)
+    keep = torch.tensor([True, False, True, False, False, True])
+    generator = torch.Generator().manual_seed(0)
+    marked = train_augment(photo_batch(), 32, generator, style=style, keep_colors=keep)
+    assert torch.equal(marked[keep], plain[keep])
+    assert torch.equal(marked[~keep], changed[~keep])
+    assert not torch.equal(changed[keep], plain[keep])  # the style did change them unmarked
+
+
+def test_kept_images_are_still_blurred():
+    style = StyleAugment(color_jitter=0.5, blur_p=1.0)
+    keep = torch.ones(6, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+    marked = train_augment(photo_batch(), 32, generator, style=style, keep_colors=keep)
+    assert torch.equal(marked, augmented(StyleAugment(blur_p=1.0)))
+
+
+def test_loader_spares_the_pictures_whose_captions_name_a_colour(tmp_path):
+    """Through ``PairData.epoch_batches``: of a batch holding captions with and without colour
+    words, only the colourless captions' pictures are jittered and turned grey; sparing off,
+    all are."""
+    from coembed.data.formats import read_records
+    from coembed.data.loader import PairData
+    from tests.helpers import copy_images, shipped_rows, write_csv
+
+    rows = shipped_rows(4)
+    copy_images(rows, tmp_path / "images")
+    captions = ["a red square", "a square", "a Blue circle", "a circle"]
+    table = [(f"images/{a}", c) for (a, _), c in zip(rows, captions)]
+    records, _ = read_records(str(write_csv(tmp_path / "pairs.csv", table)), "filepath", "caption")
+    data = PairData.from_records(records, 32, cache_dir=None, num_workers=0)
+
+    def batch(style: StyleAugment | None) -> tuple[torch.Tensor, list[str]]:
+        return next(iter(data.epoch_batches(0, 0, 4, style=style)))
+
+    plain, order = batch(None)
+    spared, spared_order = batch(StyleAugment(color_jitter=0.5, grayscale_p=1.0))
+    unspared, _ = batch(StyleAugment(color_jitter=0.5, grayscale_p=1.0, spare_color_captions=False))
+    assert spared_order == order
+    for k, caption in enumerate(order):
+        coloured = caption in ("a red square", "a Blue circle")
+        assert torch.equal(spared[k], plain[k]) is coloured, caption
+        assert not torch.equal(unspared[k], plain[k]), caption

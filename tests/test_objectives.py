@@ -463,6 +463,7 @@ def process_settings_kept():
         ["train.soft_targets=true"],
         ["train.label_smoothing=0.1"],
         ["data.color_jitter=0.4", "data.grayscale_p=0.3", "data.blur_p=0.5"],
+        ["data.color_jitter=0.4", "data.grayscale_p=0.3", "data.spare_color_captions=false"],
         ["train.ema_decay=0.9"],
         ["train.mlm_weight=0.5", "model.text.dropout=0.1", "train.accum_steps=2"],
         ["train.simclr_weight=0.5", "data.color_jitter=0.4"],

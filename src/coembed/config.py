@@ -109,6 +109,9 @@ class DataConfig:
     grayscale_p: float = 0.0
     blur_p: float = 0.0
     random_conv_p: float = 0.0  # RandConv: the chance an image is blended with a random filter
+    # Pictures whose captions name a colour ("a red car") are spared the changes above that move
+    # colours (jitter, greyscale, RandConv), which would make their captions wrong.
+    spare_color_captions: bool = True
     prefetch: int = 1  # training batches prepared ahead in a background thread (0: in place)
     # Pairs that share a caption stand together in an epoch's order, in runs of up to this
     # many, so a batch holds one caption under several pictures (needs train.soft_targets); 1: off.

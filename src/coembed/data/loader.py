@@ -45,6 +45,7 @@ from coembed.data.transforms import (
     StyleAugment,
     eval_from_uint8,
     eval_transform,
+    names_a_color,
     train_augment,
 )
 from coembed.errors import DataError
@@ -205,6 +206,7 @@ class PairData:
         self._stream_failed: dict[int, str] = {}  # image row -> reason, streaming mode
         self._image_ids: np.ndarray | None = None  # (N,) see ``image_ids``, made when asked
         self._caption_ids: np.ndarray | None = None  # (P,) see ``caption_ids``, made when asked
+        self._color_named: np.ndarray | None = None  # (P,) bool, see ``colors_kept``
 
     @property
     def streaming(self) -> bool:
@@ -277,6 +279,18 @@ class PairData:
             self._caption_ids = caption_ids_of(self.pair_caption)
         return self._caption_ids
 
+    def colors_kept(self, pairs: Sequence[int], style: StyleAugment | None) -> Tensor | None:
+        """(B,) bool: which of ``pairs`` keep their pictures' colours under ``style`` (their
+        captions name a colour, ``names_a_color``), or None when ``style`` changes no colours or
+        spares none."""
+        if style is None or not (style.changes_colors and style.spare_color_captions):
+            return None
+        if self._color_named is None:
+            self._color_named = np.fromiter(
+                (names_a_color(c) for c in self.pair_caption), dtype=bool, count=len(self)
+            )
+        return torch.from_numpy(self._color_named[np.asarray(pairs, dtype=np.int64)])
+
     @property
     def epoch_size(self) -> int:
         """Pairs in an epoch: every pair once (a resampled epoch draws another number)."""
@@ -348,7 +362,8 @@ class PairData:
             u8 = u8.to(device)  # (B, C, C, 3) uint8
             if augment:
                 generator = batch_generator(seed, epoch, b, rank)
-                x = self._augmented(u8, generator, crop_scale_min, style, second_view)
+                keep = self.colors_kept(pairs, style)
+                x = self._augmented(u8, generator, crop_scale_min, style, second_view, keep)
             else:
                 x = eval_from_uint8(u8, self.image_size)
             captions = [self.pair_caption[p] for p in pairs]
@@ -364,11 +379,16 @@ class PairData:
         crop_scale_min: float,
         style: StyleAugment | None,
         second_view: bool,
+        keep_colors: Tensor | None = None,
     ) -> Tensor:
         """The training crops (B, 3, S, S) of ``u8``, or with ``second_view`` (2B, 3, S, S): the
-        first views, then second ones drawn after them from the same ``generator``."""
+        first views, then second ones drawn after them from the same ``generator``; the images
+        marked in ``keep_colors`` (B,) keep their colours in every view."""
+        scale = (crop_scale_min, 1.0)
         views = [
-            train_augment(u8, self.image_size, generator, scale=(crop_scale_min, 1.0), style=style)
+            train_augment(
+                u8, self.image_size, generator, scale, style=style, keep_colors=keep_colors
+            )
             for _ in range(2 if second_view else 1)
         ]
         return (

@@ -14,6 +14,7 @@ There is no horizontal flip on purpose: captions say "left of" and "on the right
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -238,11 +239,36 @@ class StyleAugment:
     grayscale_p: float = 0.0
     blur_p: float = 0.0
     random_conv_p: float = 0.0
+    # Pictures whose captions name a colour keep their colours (no jitter, greyscale or random
+    # convolution; blur still applies): "a red car" turned grey or green would teach the caption
+    # wrong. The loader finds them with ``names_a_color``.
+    spare_color_captions: bool = True
 
     @property
     def active(self) -> bool:
         """Whether anything changes: off, the batch and its random draws are as without it."""
         return bool(self.color_jitter or self.grayscale_p or self.blur_p or self.random_conv_p)
+
+    @property
+    def changes_colors(self) -> bool:
+        """Whether some change moves an image's colours (the ones a colour caption is spared)."""
+        return bool(self.color_jitter or self.grayscale_p or self.random_conv_p)
+
+
+# English colour names and the words for colour itself, as captions use them; a caption that
+# holds one as a word ("a red car", "grey-blue", "colourful") keeps its picture's colours.
+COLOR_WORDS = (
+    "red|green|blue|yellow|orange|purple|violet|pink|cyan|magenta|brown|black|white|grey|gray|"
+    "golden|gold|silver|beige|turquoise|teal|navy|maroon|lime|indigo|lilac|lavender|crimson|"
+    "scarlet|amber|khaki|olive|tan|bronze|copper|ivory|cream|aqua|azure|"
+    "colou?r|colou?rs|colou?red|colou?rful|colou?rless|monochrome|greyscale|grayscale"
+)
+_COLOR_WORD = re.compile(rf"\b(?:{COLOR_WORDS})\b", re.IGNORECASE)
+
+
+def names_a_color(caption: str) -> bool:
+    """Whether ``caption`` holds a colour word (``COLOR_WORDS``) as a whole word."""
+    return _COLOR_WORD.search(caption) is not None
 
 
 # RGB -> luma, as torchvision's rgb_to_grayscale weighs the channels.
@@ -302,12 +328,15 @@ def _blur(x: Tensor, sigma: Tensor) -> Tensor:
 RANDOM_CONV_SIZES = (1, 3, 5, 7)
 
 
-def _random_conv(x: Tensor, p: float, generator: torch.Generator) -> Tensor:
+def _random_conv(
+    x: Tensor, p: float, generator: torch.Generator, keep: Tensor | None = None
+) -> Tensor:
     """RandConv (Xu et al., ICLR 2021), for styles never seen in training: each image, with
     probability ``p``, is blended with its own random 3 -> 3 convolution, whose weights are drawn
     from N(0, 1 / (3 k^2)) for a k x k kernel (k drawn per batch from RANDOM_CONV_SIZES), by a
     weight drawn from U(0, 1). A random filter keeps the shapes and edges of a picture and changes
-    its colours, textures and strokes. Every draw comes from the CPU ``generator``."""
+    its colours, textures and strokes. Every draw comes from the CPU ``generator``; images
+    marked in ``keep`` (B,) bool are left as they are, with the same draws."""
     B, C, S, _ = x.shape
     k = RANDOM_CONV_SIZES[int(torch.randint(len(RANDOM_CONV_SIZES), (1,), generator=generator))]
     weight = torch.randn(B * C, C, k, k, generator=generator) / math.sqrt(C * k * k)
@@ -317,27 +346,36 @@ def _random_conv(x: Tensor, p: float, generator: torch.Generator) -> Tensor:
         y = torch.nn.functional.pad(y, (k // 2,) * 4, mode="reflect")
     y = torch.nn.functional.conv2d(y, weight.to(x), groups=B).view(B, C, S, S)
     blend = blend.view(B, 1, 1, 1).to(x.dtype)
-    return torch.where((chosen < p).view(B, 1, 1, 1), blend * x + (1 - blend) * y, x)
+    chosen = chosen < p if keep is None else (chosen < p) & ~keep
+    return torch.where(chosen.view(B, 1, 1, 1), blend * x + (1 - blend) * y, x)
 
 
-def style_augment(x: Tensor, style: StyleAugment, generator: torch.Generator) -> Tensor:
+def style_augment(
+    x: Tensor, style: StyleAugment, generator: torch.Generator, keep_colors: Tensor | None = None
+) -> Tensor:
     """Jitter, greyscale, blur and randomly convolve float (B, 3, S, S) pixels in 0..255 as
-    ``style`` says, drawing from the CPU ``generator`` (the same draws on any device)."""
+    ``style`` says, drawing from the CPU ``generator`` (the same draws on any device). Images
+    marked in ``keep_colors`` (B,) bool keep their colours: of the changes only the blur reaches
+    them, and the draws are the same as without the marks."""
     B, S = x.shape[0], x.shape[-1]
     draws = torch.rand(B, 7, generator=generator).to(x.device)  # (B, 7): one row per image
-    if style.color_jitter:
+    keep = None if keep_colors is None else keep_colors.to(device=x.device, dtype=torch.bool)
+    if style.color_jitter and (keep is None or not bool(keep.all())):  # else nothing to jitter
         s = style.color_jitter
         low = torch.tensor([max(0.0, 1 - s)] * 3 + [-s / 4], device=x.device)
         high = torch.tensor([1 + s] * 3 + [s / 4], device=x.device)
-        x = _jitter_colors(x, low + (high - low) * draws[:, :4])
+        jittered = _jitter_colors(x, low + (high - low) * draws[:, :4])
+        x = jittered if keep is None else torch.where(keep.view(B, 1, 1, 1), x, jittered)
     if style.grayscale_p:
-        gray = draws[:, 4].view(B, 1, 1, 1) < style.grayscale_p
-        x = torch.where(gray, _gray(x).expand_as(x), x)
+        gray = draws[:, 4] < style.grayscale_p
+        if keep is not None:
+            gray = gray & ~keep
+        x = torch.where(gray.view(B, 1, 1, 1), _gray(x).expand_as(x), x)
     if style.blur_p:
         sigma = (0.1 + 1.9 * draws[:, 6]) * max(1.0, S / 224)  # pixels
         x = _blur(x, torch.where(draws[:, 5] < style.blur_p, sigma, torch.zeros_like(sigma)))
     if style.random_conv_p:  # drawn after the others, which stay as they were without it
-        x = _random_conv(x, style.random_conv_p, generator)
+        x = _random_conv(x, style.random_conv_p, generator, keep)
     return x
 
 
@@ -348,9 +386,10 @@ def train_augment(
     scale: tuple[float, float] = (0.8, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     style: StyleAugment | None = None,
+    keep_colors: Tensor | None = None,
 ) -> Tensor:
-    """Random resized crop (+ ``style``'s changes) + normalize a uint8 batch (B, H, W, 3) ->
-    float32 (B, 3, S, S).
+    """Random resized crop (+ ``style``'s changes, sparing the colours of the images marked in
+    ``keep_colors``) + normalize a uint8 batch (B, H, W, 3) -> float32 (B, 3, S, S).
 
     The result is channels_last and on the batch's device; the randomness comes from the CPU
     ``generator`` only, so it is the same on any device. The style draws come after the crop's,
@@ -362,7 +401,7 @@ def train_augment(
     boxes = random_resized_boxes(B, H, W, generator, scale, ratio)
     x = _crop_resize(batch_uint8_nhwc, boxes, out_size)
     if style is not None and style.active:
-        x = style_augment(x, style, generator)
+        x = style_augment(x, style, generator, keep_colors)
     return _normalize_nchw(x)
 
 

@@ -77,7 +77,9 @@ def agreed_stop(run: TrainRun, requests: StopRequests) -> int:
 def style_augment_of(cfg: Config) -> StyleAugment:
     """The style-invariant augmentation the config asks for (all off by default)."""
     d = cfg.data
-    return StyleAugment(d.color_jitter, d.grayscale_p, d.blur_p, d.random_conv_p)
+    return StyleAugment(
+        d.color_jitter, d.grayscale_p, d.blur_p, d.random_conv_p, d.spare_color_captions
+    )
 
 
 def run_loop(run: TrainRun, logger: Logger) -> dict:
