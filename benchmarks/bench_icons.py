@@ -134,9 +134,13 @@ class Side:
     test: dict = field(default_factory=dict)
 
     def probe_key(self) -> tuple:
-        """Sides that differ only by their seed train at the same cost and share one probe; any
-        other override (the model, an objective, an augmentation) can change the cost."""
-        return (self.trainer, tuple(sorted(o for o in self.overrides if not o.startswith(SEED))))
+        """Sides that differ only by their seed (or open_clip's optimizer settings) train at the
+        same cost and share one probe; any other override (the model, an objective, an
+        augmentation, open_clip's ``--aug-cfg``) can change the cost."""
+        extra = self.optimizer.get("extra", [])
+        augmentation = tuple(extra[extra.index("--aug-cfg") :]) if "--aug-cfg" in extra else ()
+        overrides = tuple(sorted(o for o in self.overrides if not o.startswith(SEED)))
+        return (self.trainer, overrides, augmentation)
 
 
 def openclip_augmentation(d) -> list[str]:
@@ -385,7 +389,8 @@ def saved_rates(path: Path) -> dict[tuple, float]:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         if r["probe_samples_per_s"] is not None:
-            side = Side(r["name"], r["trainer"], tuple(r["overrides"]))
+            flags = {"extra": r.get("openclip_flags", [])}
+            side = Side(r["name"], r["trainer"], tuple(r["overrides"]), flags)
             rates[side.probe_key()] = r["probe_samples_per_s"]
     return rates
 
@@ -396,6 +401,7 @@ def save_side(path: Path, side: Side, args: argparse.Namespace, env: dict[str, s
         "name": side.name,
         "trainer": side.trainer,
         "overrides": list(side.overrides),
+        "openclip_flags": list(side.optimizer.get("extra", [])),  # open_clip sides' own flags
         "model_sets": list(args.model_set),  # every side's architecture, open_clip's too
         "budget_s": None if args.epochs else args.budget,
         "probe_samples_per_s": None if math.isnan(side.rate) else side.rate,
