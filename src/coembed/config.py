@@ -97,7 +97,7 @@ class DataConfig:
     cache_dir: str | None = None
     max_cache_gb: float = 4.0
     workers: int = 2
-    augment: bool = True
+    augment: bool = True  # false: no crops and no style changes below (the eval transform)
     crop_scale_min: float = 0.8
     # Side of the decoded, cached squares that training crops from, as a multiple of the model's
     # image size (224 -> 256 by default). Above 8/7 the crops are resized from more of the source
@@ -505,15 +505,6 @@ def _check_run(tr: TrainConfig) -> None:
         )
 
 
-def _check_augment(d: DataConfig) -> None:
-    """Style augmentation changes the augmented training images: it needs augmentation on."""
-    if d.augment:
-        return
-    for name in ("color_jitter", "grayscale_p", "blur_p", "random_conv_p"):
-        if getattr(d, name):
-            raise ConfigError(f"data.{name} augments training images: it needs data.augment=true")
-
-
 def _check_views(cfg: Config) -> None:
     """The second view (train.simclr_weight, train.multiview) is a second random crop: it needs
     augmentation on, and one batch per step (the accumulation path caches one view only)."""
@@ -552,7 +543,6 @@ def validate(cfg: Config) -> Config:
     """Check ranges and choices, changing nothing; returns the same config or raises ConfigError."""
     _check_choices(cfg)
     _check_ranges(cfg)
-    _check_augment(cfg.data)
     _check_views(cfg)
     _check_caption_matches(cfg)
     _check_text(cfg.model.text, cfg.model.tokenizer)

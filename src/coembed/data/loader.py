@@ -362,8 +362,7 @@ class PairData:
             u8 = u8.to(device)  # (B, C, C, 3) uint8
             if augment:
                 generator = batch_generator(seed, epoch, b, rank)
-                keep = self.colors_kept(pairs, style)
-                x = self._augmented(u8, generator, crop_scale_min, style, second_view, keep)
+                x = self._augmented(u8, pairs, generator, crop_scale_min, style, second_view)
             else:
                 x = eval_from_uint8(u8, self.image_size)
             captions = [self.pair_caption[p] for p in pairs]
@@ -375,16 +374,17 @@ class PairData:
     def _augmented(
         self,
         u8: Tensor,
+        pairs: list[int],
         generator: torch.Generator,
         crop_scale_min: float,
         style: StyleAugment | None,
         second_view: bool,
-        keep_colors: Tensor | None = None,
     ) -> Tensor:
-        """The training crops (B, 3, S, S) of ``u8``, or with ``second_view`` (2B, 3, S, S): the
-        first views, then second ones drawn after them from the same ``generator``; the images
-        marked in ``keep_colors`` (B,) keep their colours in every view."""
-        scale = (crop_scale_min, 1.0)
+        """The training crops (B, 3, S, S) of ``u8``, the images of ``pairs``, or with
+        ``second_view`` (2B, 3, S, S): the first views, then second ones drawn after them from the
+        same ``generator``; pictures whose captions name a colour keep it in every view
+        (``colors_kept``)."""
+        scale, keep_colors = (crop_scale_min, 1.0), self.colors_kept(pairs, style)
         views = [
             train_augment(
                 u8, self.image_size, generator, scale, style=style, keep_colors=keep_colors

@@ -75,8 +75,11 @@ def agreed_stop(run: TrainRun, requests: StopRequests) -> int:
 
 
 def style_augment_of(cfg: Config) -> StyleAugment:
-    """The style-invariant augmentation the config asks for (all off by default)."""
+    """The style-invariant augmentation the config asks for (all off by default, and all off
+    with ``data.augment=false``, which switches every change of the training images off)."""
     d = cfg.data
+    if not d.augment:
+        return StyleAugment()
     return StyleAugment(
         d.color_jitter, d.grayscale_p, d.blur_p, d.random_conv_p, d.spare_color_captions
     )
