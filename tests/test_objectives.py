@@ -486,6 +486,7 @@ def process_settings_kept():
         ["train.caption_proxy_weight=1"],
         ["train.caption_proxy_weight=0.5", "train.accum_steps=2", "train.mlm_weight=0.5"],
         ["train.cyclic_weight=0.25", "train.soft_targets=true", "train.accum_steps=2"],
+        ["train.caption_word_dropout=0.3", "train.soft_targets=true", "train.accum_steps=2"],
     ],
     ids=str,
 )
@@ -1025,3 +1026,65 @@ def test_simclr_head_is_checkpointed_but_not_in_the_model(
     embedder = coembed.load(tmp_path / "run", device="cpu")
     assert set(weights(tmp_path / "run")) == set(embedder.model.state_dict())
     assert embedder.embed_texts(["red shapes"]).shape == (1, 32)
+
+
+def test_word_dropout_leaves_words_out_from_its_own_generator():
+    from coembed.training.step import dropped_words
+
+    run = tiny_train_run(DISTINCT, [*TINY, "train.caption_word_dropout=0.3"])
+    captions = [*DISTINCT, "one", "two words"] * 30
+    state = torch.get_rng_state()
+    shown = dropped_words(run, captions)
+    assert torch.equal(torch.get_rng_state(), state)  # torch's generator untouched
+    words = kept = 0
+    for caption, dropped in zip(captions, shown):
+        whole = caption.split()
+        left = dropped.split()
+        rest = iter(whole)
+        assert left and all(w in rest for w in left)  # the caption's words in order, not none
+        words, kept = words + len(whole), kept + len(left)
+    assert 0.6 < kept / words < 0.8  # about 70% of the words stay
+    assert all(d == "one" for c, d in zip(captions, shown) if c == "one")
+    assert dropped_words(run, captions) == shown  # a function of (seed, step, rank)
+    run.step += 1
+    assert dropped_words(run, captions) != shown
+    run.cfg.train.caption_word_dropout = 0.0
+    assert dropped_words(run, captions) is captions
+
+
+def test_word_dropout_keeps_one_word_of_a_caption_and_positives_of_whole_captions(monkeypatch):
+    """At a dropout of 1 each caption keeps one of its words; the text tower reads those while
+    the soft targets' positives follow the whole captions (REPEATED holds three captions)."""
+    from coembed.training import step
+
+    seen = {}
+    positives, original = step.batch_positives, step.forward_loss
+
+    def keys(run, tokens, image_ids):
+        seen["keys"] = tokens
+        return positives(run, tokens, image_ids)
+
+    monkeypatch.setattr(step, "batch_positives", keys)
+
+    def spy(run, images, tokens, *args):
+        seen["read"] = tokens
+        return original(run, images, tokens, *args)
+
+    monkeypatch.setattr(step, "forward_loss", spy)
+    run = tiny_train_run(REPEATED, [*TINY, "train.caption_word_dropout=1", "train.device=cpu"])
+    assert all(len(c.split()) == 1 for c in step.dropped_words(run, REPEATED))
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    step.train_step(run, images, REPEATED)
+    assert torch.equal(seen["keys"], run.tokenizer(REPEATED))
+    run.step = 0
+    assert torch.equal(seen["read"], run.tokenizer(step.dropped_words(run, REPEATED)))
+    assert not torch.equal(seen["read"], seen["keys"])
+
+
+def test_word_dropout_setting_is_bounded():
+    from coembed.config import load_config
+    from coembed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.caption_word_dropout"):
+        load_config("tiny", ["train.caption_word_dropout=1.5"])
+    assert load_config("tiny", []).train.caption_word_dropout == 0.0

@@ -157,6 +157,7 @@ PROBES = [
     Probe("train.label_smoothing", 0.1, "train", lambda s: s["losses"]),
     Probe("train.ema_decay", 0.9, "train", _weights),
     Probe("train.mlm_weight", 0.5, "train", lambda s: s["losses"]),
+    Probe("train.caption_word_dropout", 0.5, "train", lambda s: s["losses"]),
     Probe("train.simclr_weight", 0.5, "train", lambda s: s["losses"]),
     Probe("train.simclr_temperature", 0.5, "train", lambda s: s["losses"], base=("train.simclr_weight=1",)),
     Probe("train.feature_memory", 16, "train", lambda s: s["losses"]),

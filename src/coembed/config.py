@@ -161,6 +161,10 @@ class TrainConfig:
     # Masked language modelling on the text tower (bidirectional, head tied to the token
     # embedding), added to the loss with this weight; 0: off.
     mlm_weight: float = 0.0
+    # Caption augmentation (coembed.training.step.dropped_words): each word of a training
+    # caption is left out with this probability (EDA's random deletion; one word always stays);
+    # the pairs' positives and caption proxies still follow the whole captions. 0: off.
+    caption_word_dropout: float = 0.0
     # Image self-supervision on a second augmented view of each image (coembed.training.views):
     # SLIP's NT-Xent between the two views' projections, added with this weight; 0: off.
     simclr_weight: float = 0.0
@@ -395,6 +399,7 @@ def _bounded_run(cfg: Config) -> list[tuple[str, float, Bounds]]:
         ("train.label_smoothing", tr.label_smoothing, FRACTION),
         ("train.ema_decay", tr.ema_decay, FRACTION),
         ("train.mlm_weight", tr.mlm_weight, Bounds(0, 100, why="a loss weight")),
+        ("train.caption_word_dropout", tr.caption_word_dropout, Bounds(0, 1)),
         ("train.simclr_weight", tr.simclr_weight, Bounds(0, 100, why="a loss weight")),
         ("train.simclr_temperature", tr.simclr_temperature, Bounds(0, 10, lo_open=True)),
         ("train.feature_memory", tr.feature_memory, Bounds(0, 1 << 20, why=LIMIT_WHY)),

@@ -33,21 +33,53 @@ MLM_RATE = 0.15
 MLM_STREAM = 0x4D4C4D  # keeps the hiding draws apart from the other streams of the run's seed
 
 
+def step_generator(run: TrainRun, stream: int) -> torch.Generator:
+    """A CPU generator of (seed, step, rank, ``stream``): the same draws at a step however the
+    run got there (a resume included), and never torch's own generator, whose state dropout's
+    replay in the accumulation path depends on."""
+    seed = run.cfg.train.seed
+    words = [seed & 0xFFFFFFFF, seed >> 32, run.step, run.dist.rank, stream]
+    state = np.random.SeedSequence(words).generate_state(1)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
 def mlm_hidden(run: TrainRun, tokens: torch.Tensor) -> torch.Tensor | None:
     """With ``train.mlm_weight``, the (B, T) bool caption positions the masked language model
-    hides: each token between the start and end tokens with probability MLM_RATE. Drawn from a
-    generator of (seed, step, rank), never torch's own, whose state dropout's replay in the
-    accumulation path depends on. None without the objective."""
+    hides: each token between the start and end tokens with probability MLM_RATE, drawn from
+    ``step_generator``. None without the objective."""
     if not run.cfg.train.mlm_weight:
         return None
-    seed = run.cfg.train.seed
-    words = [seed & 0xFFFFFFFF, seed >> 32, run.step, run.dist.rank, MLM_STREAM]
-    state = np.random.SeedSequence(words).generate_state(1)
-    draws = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(int(state[0])))
+    draws = torch.rand(tokens.shape, generator=step_generator(run, MLM_STREAM))
     positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
     eot = run.raw_model.text.end_positions(tokens)  # (B,)
     inside = (positions[None, :] > 0) & (positions[None, :] < eot[:, None])  # (B, T)
     return (draws.to(tokens.device) < MLM_RATE) & inside
+
+
+# Caption augmentation (train.caption_word_dropout): its own stream of the run's seed.
+WORD_DROP_STREAM = 0x574F5244
+
+
+def dropped_words(run: TrainRun, captions: list[str]) -> list[str]:
+    """With ``train.caption_word_dropout`` p, each caption with each of its words (split at
+    white space) left out with probability p, EDA's random deletion (Wei and Zou, 2019): the
+    text tower then cannot lean on any one word of a caption. A caption that would lose every
+    word keeps one of them, drawn at random; one word alone stays as it is. Drawn from
+    ``step_generator``, so a resumed run drops what an uninterrupted one does. The captions as
+    they are without the setting."""
+    p = run.cfg.train.caption_word_dropout
+    if not p:
+        return captions
+    generator = step_generator(run, WORD_DROP_STREAM)
+    out = []
+    for caption in captions:
+        words = caption.split()
+        draws = torch.rand(len(words), generator=generator).tolist()
+        kept = [word for word, draw in zip(words, draws) if draw >= p]
+        if not kept and words:
+            kept = [words[int(torch.randint(len(words), (1,), generator=generator))]]
+        out.append(" ".join(kept) if len(words) > 1 else caption)
+    return out
 
 
 def mlm_term(
@@ -277,18 +309,21 @@ def train_step(
     A non-finite loss or gradient stops the run before the optimizer touches the weights, so the
     checkpoints on disk stay good (with fp16 the grad scaler skips such steps on its own).
     """
-    tokens = run.tokenizer(captions)
+    # Which pairs are positives, and the memory's and proxies' keys, follow the whole captions;
+    # the text tower reads them with words dropped (train.caption_word_dropout).
+    whole = run.tokenizer(captions).to(run.device)
+    shown = dropped_words(run, captions)
+    tokens = whole if shown is captions else run.tokenizer(shown).to(run.device)
     if run.device.type == "cuda":
-        # Page-locked host memory lets the copies overlap with the previous step's kernels.
-        images, tokens = images.pin_memory(), tokens.pin_memory()
+        # Page-locked host memory lets the copy overlap with the previous step's kernels.
+        images = images.pin_memory()
     images = images.to(run.device, non_blocking=True)
-    tokens = tokens.to(run.device, non_blocking=True)
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate(run.step, run.total_steps, run.cfg)
     run.optimizer.zero_grad(set_to_none=True)
-    positives = batch_positives(run, tokens, image_ids)
+    positives = batch_positives(run, whole, image_ids)
     hidden = mlm_hidden(run, tokens)
-    memory = None if run.memory is None else run.memory.columns(tokens, image_ids)
+    memory = None if run.memory is None else run.memory.columns(whole, image_ids)
     ids = None if run.proxies is None else run.proxies.ids(captions)
     if run.cfg.train.accum_steps > 1:
         loss = accumulated_backward(run, images, tokens, positives, hidden, memory, ids)
