@@ -147,7 +147,8 @@ def openclip_augmentation(d) -> list[str]:
     """open_clip_train's ``--aug-cfg`` for the tiny recipe's crops and colour changes (``d``, its
     data config): the crop's area range, torchvision's ColorJitter at the recipe's strength (hue
     by s/4 of a turn, as coembed turns it) on every crop, greyscale at its probability. open_clip
-    spares no caption its colour changes; on the icons 1% of the captions name a colour."""
+    spares no caption its colour changes; on the icons 1% of the captions name a colour. Its
+    augmentation has no random convolutions, so the recipe's RandConv stays coembed's alone."""
     aug = [f"scale=({d.crop_scale_min},1.0)"]
     if d.color_jitter:
         s = d.color_jitter
